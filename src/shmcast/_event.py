@@ -1,0 +1,31 @@
+"""The event a subscriber receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """One published event, as one subscriber received it.
+
+    :ivar type: what kind of event, e.g. ``"members"`` or ``"heartbeat"``.
+    :ivar payload: the payload, decoded by the bus codec.
+    :ivar version: bus-monotonic; a gap between two received events means drops.
+    :ivar timestamp: ``time.time()`` in the publisher when it was published.
+    """
+
+    type: str
+    payload: Any
+    version: int
+    timestamp: float
+    _data: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def data(self) -> bytes:
+        """The encoded payload exactly as published (UTF-8 JSON for the json codec)."""
+        return self._data
+
+
+__all__ = ["Event"]

@@ -1,0 +1,261 @@
+"""The only module that talks to the OS: shared-memory segments, semaphores and OFD locks.
+
+Segments are ``posix_ipc.SharedMemory`` objects mapped with ``mmap`` rather than
+``multiprocessing.shared_memory.SharedMemory``: before Python 3.13 the latter
+registers every attach with the resource tracker, which unlinks the segment
+when the attaching process exits (CPython gh-82300), and it always creates
+segments with mode 0600. Neither happens here.
+
+Liveness rests on open-file-description (OFD) locks on the control segment:
+the kernel releases them when their holder dies, however it dies, and they do
+not depend on pids, which the kernel reuses. (iceoryx2 detects dead nodes the
+same way.) A semaphore, by contrast, stays taken forever when its holder dies,
+so no process ever blocks on a semaphore another process could hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import time
+import weakref
+from typing import Protocol
+
+import posix_ipc
+
+from ._errors import ShmcastError
+
+# struct flock on 64-bit Linux: short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid, padded to 32 bytes.
+_FLOCK = struct.Struct("hhqqi4x")
+
+# Lock bytes of the control segment (locks may lie beyond the end of a file).
+PUBLISHER_LOCK = 0  # held by the publisher for the bus's life
+REGISTRY_LOCK = 1  # held briefly by whoever changes the registry epoch
+RECLAIM_LOCK = 2  # held while deciding to unlink a dead bus
+ENTRY_LOCK_BASE = 1024  # + entry index: held by the subscriber owning that entry
+
+
+class Segment:
+    """One mapped shared-memory segment and the open fd its locks live on."""
+
+    __slots__ = ("__weakref__", "_mmap", "buf", "fd", "name", "size")
+
+    def __init__(self, name: str, fd: int, size: int) -> None:
+        self.name = name
+        self.fd = fd
+        self.size = size
+        self._mmap = mmap.mmap(fd, size)
+        self.buf = memoryview(self._mmap)
+        _track_fd(self)
+
+    @classmethod
+    def create(cls, name: str, size: int, mode: int) -> Segment:
+        """Create a new segment of *size* bytes; ``FileExistsError`` if the name is taken.
+
+        :raises ShmcastError: if /dev/shm cannot hold it.
+        """
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
+        except posix_ipc.ExistentialError as e:
+            raise FileExistsError(errno.EEXIST, str(e), name) from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionError(errno.EACCES, str(e), name) from None
+        fd = shm.fd
+        try:
+            os.fchmod(fd, mode)  # umask applied to shm_open's mode
+            # Reserve the pages now: on a full /dev/shm this fails with ENOSPC,
+            # where touching an unreserved page later would kill us with SIGBUS.
+            os.posix_fallocate(fd, 0, size)
+            return cls(name, fd, size)
+        except OSError as e:
+            os.close(fd)
+            unlink_segment(name)
+            raise ShmcastError(f"cannot create {size}-byte segment {name!r}: {e}") from e
+
+    @classmethod
+    def open(cls, name: str, min_size: int = 1) -> Segment:
+        """Map an existing segment; ``FileNotFoundError`` if there is none.
+
+        :raises ShmcastError: if it is smaller than *min_size*.
+        """
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(errno.ENOENT, "no such shared memory segment", name) from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionError(errno.EACCES, str(e), name) from None
+        fd = shm.fd
+        try:
+            size = os.fstat(fd).st_size
+            if size < min_size:
+                raise ShmcastError(
+                    f"segment {name!r} is {size} bytes, too small to be what it claims to be"
+                )
+            return cls(name, fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def still_named(self) -> bool:
+        """Whether our segment is still the one its name resolves to."""
+        try:
+            st = os.stat("/dev/shm" + self.name)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def close(self) -> None:
+        """Unmap and close the fd (which drops every lock taken through it). Idempotent."""
+        if self.fd < 0:
+            return
+        self.buf.release()
+        self._mmap.close()
+        os.close(self.fd)
+        self.fd = -1
+
+    def _forget_fd_after_fork(self) -> None:
+        # A forked child shares our open file description, and with it our OFD
+        # locks: closing its copy lets the locks die with the parent, as they must.
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def unlink_segment(name: str) -> None:
+    """Remove a segment's name if it exists."""
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory(name)
+
+
+def create_semaphore(name: str, mode: int) -> posix_ipc.Semaphore:
+    """Create a wake semaphore with value 0 and exactly *mode* permission bits."""
+    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=mode, initial_value=0)
+    with contextlib.suppress(OSError):
+        os.chmod("/dev/shm/sem." + name.lstrip("/"), mode)
+    return sem
+
+
+def open_semaphore(name: str) -> posix_ipc.Semaphore:
+    """Open an existing semaphore; ``FileNotFoundError`` if there is none."""
+    try:
+        return posix_ipc.Semaphore(name)
+    except posix_ipc.ExistentialError:
+        raise FileNotFoundError(errno.ENOENT, "no such semaphore", name) from None
+    except posix_ipc.PermissionsError as e:
+        raise PermissionError(errno.EACCES, str(e), name) from None
+
+
+def unlink_semaphore(name: str) -> None:
+    """Remove a semaphore's name if it exists."""
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_semaphore(name)
+
+
+def wait(sem: posix_ipc.Semaphore, timeout: float) -> bool:
+    """Take one unit of *sem* within *timeout* seconds (the GIL is released meanwhile)."""
+    try:
+        sem.acquire(timeout)
+    except posix_ipc.BusyError:
+        return False
+    except posix_ipc.SignalError:
+        return False  # EINTR: the caller re-checks and, if it must, waits again
+    return True
+
+
+def wake(sem: posix_ipc.Semaphore) -> None:
+    """Post *sem* unless a wake-up is already pending there.
+
+    Keeping the value at 0 or 1 means a busy subscriber is never woken in vain
+    later, and the counter cannot reach SEM_VALUE_MAX however long it stays away.
+    """
+    if sem.value == 0:
+        sem.release()
+
+
+def _lock_op(fd: int, cmd: int, kind: int, byte: int) -> int:
+    arg = _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0)
+    return int(_FLOCK.unpack(fcntl.fcntl(fd, cmd, arg))[0])
+
+
+def try_lock(fd: int, byte: int) -> bool:
+    """Take the exclusive OFD lock on *byte* of *fd*'s file without waiting."""
+    try:
+        _lock_op(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, byte)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def lock(fd: int, byte: int, timeout: float, what: str) -> None:
+    """Take the exclusive OFD lock on *byte*, waiting up to *timeout* seconds.
+
+    Only held for microseconds by others, and dropped by the kernel if they die,
+    so a short back-off loop is enough; a holder stopped with SIGSTOP is the
+    only way to reach the deadline.
+
+    :raises ShmcastError: on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.0001
+    while not try_lock(fd, byte):
+        if time.monotonic() > deadline:
+            raise ShmcastError(f"timed out after {timeout} s waiting for the {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+def unlock(fd: int, byte: int) -> None:
+    """Release our OFD lock on *byte*."""
+    _lock_op(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
+
+
+def is_locked(fd: int, byte: int) -> bool:
+    """Whether another open file description holds a lock on *byte*."""
+    return _lock_op(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+
+
+class _ForkAware(Protocol):
+    def _forget_fd_after_fork(self) -> None: ...
+
+
+_live: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
+
+
+def _track_fd(obj: _ForkAware) -> None:
+    _live.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_live):
+        obj._forget_fd_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+__all__ = [
+    "ENTRY_LOCK_BASE",
+    "PUBLISHER_LOCK",
+    "RECLAIM_LOCK",
+    "REGISTRY_LOCK",
+    "Segment",
+    "create_semaphore",
+    "is_locked",
+    "lock",
+    "open_semaphore",
+    "try_lock",
+    "unlink_segment",
+    "unlink_semaphore",
+    "unlock",
+    "wait",
+    "wake",
+]

@@ -1,0 +1,307 @@
+"""Byte layout of a bus's shared memory: struct formats, offsets and bounds-checked parsing.
+
+No I/O happens here, so everything can be tested on a ``bytearray``. All
+integers are little-endian; every 8-byte field is 8-byte aligned, which makes
+its load and store a single instruction on x86-64 and aarch64 (``struct``
+packs a standard-size ``<Q`` with a fixed-size ``memcpy`` on little-endian
+hosts), so a concurrent reader never sees half of one.
+
+Control segment ``/dev/shm/shmcast.NAME``::
+
+    off  size  field                    written by
+    0    8     magic b"SHMCAST\\0"      publisher, last step of creation
+    8    4     layout version (1)       publisher
+    12   4     header size (128)        publisher
+    16   8     nonce                    publisher (random; names the rings)
+    24   4     publisher pid            publisher
+    28   4     state 1 open, 2 closed   publisher
+    32   4     default ring slots       publisher
+    36   4     slot size (payload max)  publisher
+    40   4     max subscribers          publisher
+    44   4     overflow 0 overwrite, 1 drop_new
+    48   4     mode (permission bits)   publisher
+    52   4     registry entry size (64) publisher
+    56   8     created, time.time()     publisher
+    64   32    codec name, NUL-padded   publisher
+    96   8     version: last assigned   publisher
+    104  8     drops of departed subscribers   publisher
+    112  8     registry epoch           subscribers, under the registry lock
+    120  8     reserved
+    128  64*M  registry, one entry per subscriber place
+
+Registry entry (64 bytes), written only by the subscriber that holds the
+entry's owner lock::
+
+    0    4     state 0 free, 1 joining, 2 active, 3 left
+    4    4     subscriber pid
+    8    8     ring id (random; names the ring)
+    16   4     ring slots
+    20   4     reserved
+    24   8     joined, time.time()
+    32   32    reserved
+
+Ring segment ``/dev/shm/shmcast.NAME.<nonce>.<ring id>`` (one per subscriber,
+created by it); the publisher's and the subscriber's fields sit on separate
+cache lines::
+
+    0    8     magic b"SHMCRING"
+    8    4     layout version (1)
+    12   4     slots
+    16   4     slot size (payload max)
+    20   4     slot stride
+    24   8     bus nonce
+    32   8     ring id
+    40   24    reserved
+    64   8     w: events written so far        publisher
+    72   8     rejected (drop_new drops)       publisher
+    80   4     end: 0 open, 1 bus closed       publisher
+    84   44    reserved
+    128  8     r: events consumed so far       subscriber
+    136  8     skipped (overwritten unread)    subscriber
+    144  48    reserved
+    192  ...   slots, each ``stride`` bytes
+
+Slot (event ``i`` of the ring lives in slot ``i % slots``)::
+
+    0    8     seq: 2i+1 while event i is written, 2i+2 once complete
+    8    8     version
+    16   8     timestamp, time.time() at publish
+    24   2     type length (<= 255)
+    26   2     reserved
+    28   4     data length (<= slot size)
+    32   ...   type (UTF-8), then data
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from ._errors import ShmcastError
+from ._names import MAX_CODEC_NAME, MAX_SLOT_SIZE, MAX_SLOTS, MAX_SUBSCRIBERS, MAX_TYPE_BYTES
+
+LAYOUT_VERSION = 1
+
+# Control segment.
+CONTROL_MAGIC = b"SHMCAST\x00"
+CONTROL_HEADER = struct.Struct("<8sIIQIIIIIIIId32s")
+CONTROL_HEADER_SIZE = 128
+STATE_OFF = 28
+VERSION_OFF = 96
+RETIRED_OFF = 104
+EPOCH_OFF = 112
+STATE_OPEN = 1
+STATE_CLOSED = 2
+
+ENTRY = struct.Struct("<IIQI4xd")
+ENTRY_SIZE = 64
+ENTRY_FREE, ENTRY_JOINING, ENTRY_ACTIVE, ENTRY_LEFT = 0, 1, 2, 3
+
+OVERFLOW_MODES = ("overwrite", "drop_new")
+
+# Ring segment.
+RING_MAGIC = b"SHMCRING"
+RING_HEADER = struct.Struct("<8sIIIIQQ")
+RING_HEADER_SIZE = 192
+W_OFF = 64
+REJECTED_OFF = 72
+END_OFF = 80
+R_OFF = 128
+SKIPPED_OFF = 136
+END_OPEN = 0
+END_BUS_CLOSED = 1
+
+SLOT_HEADER = struct.Struct("<QdHxxI")  # version, timestamp, type length, data length
+SLOT_HEADER_SIZE = 32
+SLOT_BODY_OFF = 8  # SLOT_HEADER is packed after the 8-byte seq
+
+U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")
+TWO_U64 = struct.Struct("<QQ")
+
+
+class Geometry(NamedTuple):
+    """What the control header says about the bus."""
+
+    nonce: int
+    pid: int
+    state: int
+    slots: int
+    slot_size: int
+    max_subscribers: int
+    overflow: str
+    mode: int
+    created: float
+    codec: str
+
+
+class Entry(NamedTuple):
+    """One registry entry."""
+
+    state: int
+    pid: int
+    ring_id: int
+    slots: int
+    joined: float
+
+
+def control_size(max_subscribers: int) -> int:
+    """Bytes of a control segment with *max_subscribers* places."""
+    return CONTROL_HEADER_SIZE + ENTRY_SIZE * max_subscribers
+
+
+def slot_stride(slot_size: int) -> int:
+    """Bytes one slot takes: header, the longest type, the payload, padded to 8."""
+    return (SLOT_HEADER_SIZE + MAX_TYPE_BYTES + slot_size + 7) & ~7
+
+
+def ring_size(slots: int, slot_size: int) -> int:
+    """Bytes of a ring segment."""
+    return RING_HEADER_SIZE + slots * slot_stride(slot_size)
+
+
+def entry_offset(index: int) -> int:
+    """Offset of registry entry *index* in the control segment."""
+    return CONTROL_HEADER_SIZE + ENTRY_SIZE * index
+
+
+def pack_control_header(
+    buf: bytearray | memoryview,
+    *,
+    nonce: int,
+    pid: int,
+    slots: int,
+    slot_size: int,
+    max_subscribers: int,
+    overflow: str,
+    mode: int,
+    created: float,
+    codec: str,
+) -> None:
+    """Write a complete control header, magic last, so a half-written one never parses."""
+    CONTROL_HEADER.pack_into(
+        buf, 0, b"\x00" * 8, LAYOUT_VERSION, CONTROL_HEADER_SIZE, nonce, pid, STATE_OPEN,
+        slots, slot_size, max_subscribers, OVERFLOW_MODES.index(overflow), mode,
+        ENTRY_SIZE, created, codec.encode("ascii"),
+    )
+    buf[0:8] = CONTROL_MAGIC
+
+
+def parse_control_header(buf: bytes | bytearray | memoryview, size: int) -> Geometry:
+    """Read and check a control header against the segment's real *size*.
+
+    :raises ShmcastError: if the segment is not a shmcast bus of this layout
+        version, or its geometry is impossible.
+    """
+    if size < CONTROL_HEADER_SIZE:
+        raise ShmcastError(
+            f"not a shmcast bus: segment is {size} bytes, a control header needs "
+            f"{CONTROL_HEADER_SIZE}"
+        )
+    (magic, layout, header_size, nonce, pid, state, slots, slot_size, max_subs, overflow,
+     mode, entry_size, created, codec) = CONTROL_HEADER.unpack_from(buf, 0)
+    if magic != CONTROL_MAGIC:
+        raise ShmcastError(f"not a shmcast bus: magic is {magic!r}, expected {CONTROL_MAGIC!r}")
+    if layout != LAYOUT_VERSION:
+        raise ShmcastError(
+            f"bus has layout version {layout}; this shmcast understands version {LAYOUT_VERSION}"
+        )
+    problems = []
+    if header_size != CONTROL_HEADER_SIZE or entry_size != ENTRY_SIZE:
+        problems.append(f"header/entry size {header_size}/{entry_size}")
+    if not 1 <= slots <= MAX_SLOTS:
+        problems.append(f"slots {slots}")
+    if not 1 <= slot_size <= MAX_SLOT_SIZE:
+        problems.append(f"slot_size {slot_size}")
+    if not 1 <= max_subs <= MAX_SUBSCRIBERS or control_size(max_subs) > size:
+        problems.append(f"max_subscribers {max_subs} in a {size}-byte segment")
+    if overflow >= len(OVERFLOW_MODES):
+        problems.append(f"overflow mode {overflow}")
+    if state not in (STATE_OPEN, STATE_CLOSED):
+        problems.append(f"state {state}")
+    try:
+        codec_name = codec.rstrip(b"\x00").decode("ascii")
+    except UnicodeDecodeError:
+        codec_name = ""
+    if not codec_name or len(codec_name) > MAX_CODEC_NAME:
+        problems.append(f"codec name {codec!r}")
+    if problems:
+        raise ShmcastError("corrupt shmcast bus header: " + ", ".join(problems))
+    return Geometry(nonce, pid, state, slots, slot_size, max_subs, OVERFLOW_MODES[overflow],
+                    mode & 0o777, created, codec_name)
+
+
+def read_entry(buf: bytes | bytearray | memoryview, index: int) -> Entry:
+    """Read registry entry *index* (the caller checked *index* against the geometry)."""
+    return Entry(*ENTRY.unpack_from(buf, entry_offset(index)))
+
+
+def pack_ring_header(
+    buf: bytearray | memoryview, *, slots: int, slot_size: int, nonce: int, ring_id: int
+) -> None:
+    """Write a ring header, magic last."""
+    RING_HEADER.pack_into(buf, 0, b"\x00" * 8, LAYOUT_VERSION, slots, slot_size,
+                          slot_stride(slot_size), nonce, ring_id)
+    buf[0:8] = RING_MAGIC
+
+
+def check_ring_header(
+    buf: bytes | bytearray | memoryview, size: int, *, slots: int, slot_size: int, nonce: int,
+    ring_id: int,
+) -> None:
+    """Check that a ring segment is the one its registry entry announced.
+
+    :raises ShmcastError: if it is not.
+    """
+    if size < RING_HEADER_SIZE:
+        raise ShmcastError(f"not a shmcast ring: segment is {size} bytes")
+    got = RING_HEADER.unpack_from(buf, 0)
+    want = (RING_MAGIC, LAYOUT_VERSION, slots, slot_size, slot_stride(slot_size), nonce, ring_id)
+    if got != want or size < ring_size(slots, slot_size):
+        raise ShmcastError(f"ring segment does not match its registry entry: {got[:7]!r}")
+
+
+__all__ = [
+    "CONTROL_HEADER_SIZE",
+    "CONTROL_MAGIC",
+    "ENTRY",
+    "ENTRY_ACTIVE",
+    "ENTRY_FREE",
+    "ENTRY_JOINING",
+    "ENTRY_LEFT",
+    "ENTRY_SIZE",
+    "END_BUS_CLOSED",
+    "END_OFF",
+    "END_OPEN",
+    "EPOCH_OFF",
+    "Entry",
+    "Geometry",
+    "LAYOUT_VERSION",
+    "OVERFLOW_MODES",
+    "REJECTED_OFF",
+    "RETIRED_OFF",
+    "RING_HEADER_SIZE",
+    "RING_MAGIC",
+    "R_OFF",
+    "SKIPPED_OFF",
+    "SLOT_BODY_OFF",
+    "SLOT_HEADER",
+    "SLOT_HEADER_SIZE",
+    "STATE_CLOSED",
+    "STATE_OFF",
+    "STATE_OPEN",
+    "TWO_U64",
+    "U32",
+    "U64",
+    "VERSION_OFF",
+    "W_OFF",
+    "check_ring_header",
+    "control_size",
+    "entry_offset",
+    "pack_control_header",
+    "pack_ring_header",
+    "parse_control_header",
+    "read_entry",
+    "ring_size",
+    "slot_stride",
+]
