@@ -21,6 +21,7 @@ from ._layout import (
     CONTROL_HEADER_SIZE,
     END_BUS_CLOSED,
     ENTRY_ACTIVE,
+    ENTRY_JOINING,
     EPOCH_OFF,
     OVERFLOW_MODES,
     RETIRED_OFF,
@@ -76,7 +77,7 @@ class _Publisher:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.rings: dict[int, _Ring] = {}
-        self.bad: dict[int, int] = {}  # place -> ring id that failed to open
+        self.bad: dict[int, int] = {}  # place -> ring id not to adopt (unopenable, or dead)
         self.version = 0
         self.retired = 0
         self.closed = False
@@ -147,15 +148,22 @@ class _Publisher:
         for index in range(self.max_subscribers):
             entry = read_entry(ctrl.buf, index)
             ring = self.rings.get(index)
-            live = entry.state == ENTRY_ACTIVE or (ring is not None and entry.state != 0)
-            held = live and _registry.place_held(ctrl, index)
+            if ring is None and entry.state not in (ENTRY_JOINING, ENTRY_ACTIVE):
+                continue
+            held = _registry.place_held(ctrl, index)
             if ring is not None and (ring.ring_id != entry.ring_id or
                                      entry.state != ENTRY_ACTIVE or not held):
                 self._retire(ring)
                 ring = None
-            if ring is None and held and entry.state == ENTRY_ACTIVE and \
-                    self.bad.get(index) != entry.ring_id:
-                self._adopt(index, entry.ring_id, entry.slots)
+            if ring is not None or not entry.ring_id:
+                continue
+            if held:
+                if entry.state == ENTRY_ACTIVE and self.bad.get(index) != entry.ring_id:
+                    self._adopt(index, entry.ring_id, entry.slots)
+            elif self.bad.get(index) != entry.ring_id:
+                # Died before we ever wrote to it: nobody else will remove its names.
+                _registry.unlink_ring(self.name, self.nonce, entry.ring_id)
+                self.bad[index] = entry.ring_id
 
     def _adopt(self, index: int, ring_id: int, slots: int) -> None:
         name = ring_name(self.name, self.nonce, ring_id)

@@ -21,6 +21,7 @@ import fcntl
 import mmap
 import os
 import struct
+import sys
 import time
 import weakref
 from typing import Protocol
@@ -49,7 +50,7 @@ class Segment:
         self.name = name
         self.fd = fd
         self.size = size
-        self._mmap = mmap.mmap(fd, size)
+        self._mmap = _map(fd, size)
         self.buf = memoryview(self._mmap)
         _track_fd(self)
 
@@ -126,6 +127,23 @@ class Segment:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    """Map *fd* without sharing its open file description with the map.
+
+    ``mmap.mmap`` keeps a dup of the fd it maps, and a dup shares the open file
+    description and so our OFD locks: a forked child would then keep them, the
+    publisher's included, alive after we die. Mapping a fresh open of the same
+    file (its own description, which never holds a lock) avoids that.
+    """
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, trackfd=False)
+    map_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(map_fd, size)
+    finally:
+        os.close(map_fd)
 
 
 def unlink_segment(name: str) -> None:

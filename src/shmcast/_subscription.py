@@ -28,6 +28,7 @@ from ._layout import (
     Entry,
     pack_ring_header,
     parse_control_header,
+    read_entry,
     ring_size,
 )
 from ._names import MAX_RING_BYTES, MAX_SLOTS, check_int, check_name, control_name, ring_name
@@ -91,6 +92,10 @@ class _Reader:
             raise TooManySubscribersError(
                 f"bus {self.name!r} has all its {geometry.max_subscribers} places taken"
             )
+        previous = read_entry(ctrl.buf, self.index).ring_id
+        if previous:
+            # The place's last holder left or died; if it died, its names are ours to remove.
+            _registry.unlink_ring(self.name, self.nonce, previous)
         self.ring_id = secrets.randbits(64) | 1
         # The ring id goes into the entry before the ring exists, so whoever
         # cleans up after us (if we die now) knows the names to remove.
@@ -120,6 +125,8 @@ class _Reader:
                 _registry.bump_epoch(ctrl)
         if self.ring_id:
             _registry.unlink_ring(self.name, self.nonce, self.ring_id)
+        if not _registry.publisher_alive(ctrl):
+            _registry.reclaim_dead_bus(ctrl, self.name)
         ctrl.close()  # releases our place: another subscriber may take it now
 
     def release(self, unregister: bool = False) -> None:
@@ -133,6 +140,8 @@ class _Reader:
                 _registry.set_state(ctrl, self.index, ENTRY_LEFT)
             if self.ring_id:
                 _registry.unlink_ring(self.name, self.nonce, self.ring_id)
+            if not _registry.publisher_alive(ctrl):
+                _registry.reclaim_dead_bus(ctrl, self.name)
             ctrl.close()
         if self.sem is not None:
             self.sem.close()
@@ -211,8 +220,6 @@ class Subscription:
         r = self._r
         self._ended = True
         self._final_dropped = r.reader.drops(self._limit)
-        if self._reason == StreamClosed.PUBLISHER_DIED and r.ctrl is not None:
-            _registry.reclaim_dead_bus(r.ctrl, r.name)
         r.leave()
         if self._waiters == 0:
             self._finalizer()
