@@ -48,7 +48,7 @@ from ._names import (
     control_name,
     ring_name,
 )
-from ._ring import RingWriter
+from ._ring import RingWriter, frame
 
 # Deaths change no byte of the registry, so the publisher also re-reads it this
 # often; the contract allows a dead subscriber to be counted for up to 1 s.
@@ -75,6 +75,7 @@ class _Publisher:
         self.overwrite = overflow == "overwrite"
         self.codec = codec
         self.pid = os.getpid()
+        self.forked = False  # set in the child of a fork(): the bus is the parent's
         self.lock = threading.Lock()
         self.rings: dict[int, _Ring] = {}
         self.bad: dict[int, int] = {}  # place -> ring id not to adopt (unopenable, or dead)
@@ -91,6 +92,10 @@ class _Publisher:
             max_subscribers=max_subscribers, overflow=overflow, mode=mode,
             created=time.time(), codec=codec.name,
         )
+        _ipc.track_fork(self)
+
+    def after_fork_in_child(self) -> None:
+        self.forked = True
 
     # The hot path.
     def publish(self, type_: str, payload: Any) -> int:
@@ -103,17 +108,17 @@ class _Publisher:
                 f"encoded event is {len(data)} bytes; this bus's slot_size is {self.slot_size}"
             )
         with self.lock:
-            if self.closed or self.pid != os.getpid():
+            if self.closed or self.forked:
                 self._raise_unusable()
             buf = self.ctrl.buf
             if U64.unpack_from(buf, EPOCH_OFF)[0] != self.epoch_seen or \
                     time.monotonic() >= self.next_scan:
                 self._scan()
             version = self.version + 1
-            timestamp = time.time()
+            head, tail = frame(version, time.time(), tb, data)
             rings = self.rings.values()
             for ring in rings:
-                ring.writer.write(version, timestamp, tb, data)
+                ring.writer.write(head, tail)
             for ring in rings:
                 sem = ring.sem
                 if sem.value == 0:  # see _ipc.wake
@@ -191,11 +196,12 @@ class _Publisher:
         U64.pack_into(self.ctrl.buf, RETIRED_OFF, self.retired)
         _registry.unlink_ring(self.name, self.nonce, ring.ring_id)
         ring.sem.close()
+        ring.writer.release()
         ring.segment.close()
 
     def dropped(self) -> int:
         with self.lock:
-            if not self.closed and self.pid == os.getpid() and \
+            if not self.closed and not self.forked and \
                     U64.unpack_from(self.ctrl.buf, EPOCH_OFF)[0] != self.epoch_seen:
                 self._scan()
             return self.retired + sum(ring.writer.drops() for ring in self.rings.values())
@@ -211,7 +217,7 @@ class _Publisher:
             if self.closed:
                 return
             self.closed = True
-            if self.pid != os.getpid():
+            if self.forked:
                 return  # a forked copy: the bus is not ours to end
             ctrl = self.ctrl
             try:

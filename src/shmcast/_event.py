@@ -28,4 +28,16 @@ class Event:
         return self._data
 
 
-__all__ = ["Event"]
+_new = object.__new__
+_set = object.__setattr__
+
+
+def make_event(type_: str, payload: Any, version: int, timestamp: float, data: bytes) -> Event:
+    """Build an Event without the frozen dataclass's field-by-field ``__init__`` (a hot path)."""
+    event = _new(Event)
+    _set(event, "__dict__", {"type": type_, "payload": payload, "version": version,
+                             "timestamp": timestamp, "_data": data})
+    return event
+
+
+__all__ = ["Event", "make_event"]

@@ -111,11 +111,10 @@ def open_readonly(posix_name: str, min_size: int = 1) -> ReadOnlySegment:
     try:
         st = os.fstat(fd)
         if not stat_mod.S_ISREG(st.st_mode):
-            raise ShmcastError(f"{path} is not a shared-memory segment")
+            raise ShmcastError(f"{path}: not a shared-memory segment")
         if st.st_size < min_size:
             raise ShmcastError(
-                f"{path} is not a shmcast segment: it is {st.st_size} bytes, "
-                f"at least {min_size} expected"
+                f"{path}: not a shmcast segment: {st.st_size} bytes, at least {min_size} expected"
             )
         return ReadOnlySegment(posix_name, fd, st.st_size)
     except BaseException:
@@ -136,8 +135,6 @@ def open_control(name: str) -> ReadOnlySegment:
         return open_readonly(control_name(name), CONTROL_HEADER_SIZE)
     except FileNotFoundError:
         raise BusNotFoundError(f"no bus named {name!r} on this host") from None
-    except ShmcastError as e:
-        raise ShmcastError(f"bus {name!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------- listing /dev/shm
@@ -446,10 +443,7 @@ def read_bus(name: str, *, every_place: bool = False,
     :raises ShmcastError: if it is not a shmcast bus of this layout version.
     """
     with open_control(name) as ctrl:
-        try:
-            g = parse_control_header(ctrl.buf, ctrl.size)
-        except ShmcastError as e:
-            raise ShmcastError(f"bus {name!r}: {e}") from None
+        g = _parse(ctrl)
         st = os.fstat(ctrl.fd)
         alive = _registry.publisher_alive(ctrl)
         closed = U32.unpack_from(ctrl.buf, STATE_OFF)[0] == STATE_CLOSED
@@ -520,20 +514,26 @@ def read_geometry(name: str) -> Geometry:
     :raises: as :func:`read_bus`.
     """
     with open_control(name) as ctrl:
-        try:
-            return parse_control_header(ctrl.buf, ctrl.size)
-        except ShmcastError as e:
-            raise ShmcastError(f"bus {name!r}: {e}") from None
+        return _parse(ctrl)
 
 
-def describe_error(e: BaseException) -> str:
-    """One line for an error met while reading a bus."""
-    if isinstance(e, PermissionError):
-        return f"permission denied: {e.filename or ''}".rstrip(": ")
+def _parse(ctrl: ReadOnlySegment) -> Geometry:
+    try:
+        return parse_control_header(ctrl.buf, ctrl.size)
+    except ShmcastError as e:
+        raise ShmcastError(f"{shm_path(ctrl.name)}: {e}") from None
+
+
+def describe_error(e: BaseException, path: str | None = None) -> str:
+    """One line for an error met while reading a bus; *path* is left out if it is the subject."""
     if isinstance(e, OSError) and not isinstance(e, ShmcastError):
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}"
-    return str(e)
+        what = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        where = e.filename if isinstance(e.filename, str) else None
+        return what if where is None or where == path else f"{what}: {where}"
+    text = str(e)
+    if path is not None and text.startswith(path + ": "):
+        text = text[len(path) + 2:]
+    return text
 
 
 def scan(patterns: Sequence[str] = ()) -> list[BusInfo | BadBus]:
@@ -547,7 +547,7 @@ def scan(patterns: Sequence[str] = ()) -> list[BusInfo | BadBus]:
         except BusNotFoundError:
             continue  # gone since the listing
         except (OSError, ShmcastError, ValueError) as e:
-            out.append(BadBus(name, describe_error(e)))
+            out.append(BadBus(name, describe_error(e, shm_path(control_name(name)))))
     return out
 
 
@@ -591,12 +591,16 @@ def plan_clean(patterns: Sequence[str] = ()) -> list[CleanAction]:
 
     Only objects owned by the calling user are considered (every one for root).
     """
-    entries = _listdir()
+    entries = _listdir()  # rings listed before registries are read: see below
     rings = {k: v for k, v in ring_files(entries).items() if matches(k[0], patterns)}
-    accounted: set[tuple[str, int, int]] = set()
+    # Rings some registry entry refers to: they are decided by that entry's lock,
+    # not by the orphan rule. (A subscriber writes its entry before it creates
+    # its ring, so a ring listed above has its entry written by the time we read.)
+    referenced: set[tuple[str, int, int]] = set()
     actions: list[CleanAction] = []
-    # Nonce of each bus whose control segment stays, so its rings are not orphans.
-    live_nonce: dict[str, int | None] = {}
+    live_nonce: dict[str, int] = {}  # buses that stay
+    dead: set[str] = set()  # buses removed by this plan
+    hands_off: set[str] = set()  # names whose control segment we cannot judge
 
     for name in bus_names(patterns, entries):
         path = shm_path(control_name(name))
@@ -605,12 +609,16 @@ def plan_clean(patterns: Sequence[str] = ()) -> list[CleanAction]:
         except FileNotFoundError:
             continue
         if not _owned(st.st_uid):
-            live_nonce[name] = None
+            hands_off.add(name)
             continue
         try:
             ctrl = open_readonly(control_name(name))
-        except (OSError, ShmcastError):
-            live_nonce[name] = None  # unreadable: leave it, and its rings, alone
+        except FileNotFoundError:
+            continue
+        except (OSError, ShmcastError) as e:
+            hands_off.add(name)
+            actions.append(CleanAction("keep", name, _control_files(name),
+                                       describe_error(e, path)))
             continue
         with ctrl:
             alive = _registry.publisher_alive(ctrl)
@@ -619,50 +627,65 @@ def plan_clean(patterns: Sequence[str] = ()) -> list[CleanAction]:
             except ShmcastError:
                 g = None
             if g is None:
-                live_nonce[name] = None
-                head = bytes(ctrl.buf[:8]) if ctrl.size >= 8 else b""
+                hands_off.add(name)
+                empty = bytes(ctrl.buf[:8]) == b"\x00" * 8
                 age = time.time() - max(st.st_mtime, st.st_ctime)
-                if (not alive and head == b"\x00" * len(head) and age > CREATION_GRACE
-                        and ctrl.size >= CONTROL_HEADER_SIZE):
+                if not alive and empty and age > CREATION_GRACE:
                     actions.append(CleanAction(
                         "bus", name, _control_files(name),
                         "its publisher died while creating it (empty header)"))
+                else:
+                    actions.append(CleanAction(
+                        "keep", name, _control_files(name),
+                        "being created" if empty else
+                        "not a shmcast bus this version of shmcast understands"))
                 continue
-            if not alive:
-                dead_rings = []
-                for index in range(g.max_subscribers):
-                    entry = read_entry(ctrl.buf, index)
-                    key = (name, g.nonce, entry.ring_id)
-                    if entry.ring_id and not _registry.place_held(ctrl, index) and key in rings:
-                        dead_rings.append(rings[key])
-                        accounted.add(key)
-                actions.append(CleanAction(
-                    "bus", name, _control_files(name),
-                    f"its publisher (pid {g.pid}) is dead", nonce=g.nonce,
-                    rings=tuple(dead_rings)))
-                live_nonce[name] = None  # its remaining rings become orphans
-                continue
-            live_nonce[name] = g.nonce
+            dead_rings = []
             for index in range(g.max_subscribers):
-                entry = read_entry(ctrl.buf, index)  # entry first, then its lock: see clean()
+                # The entry before its lock: if the lock is free after we read a
+                # ring id there, that ring's owner is gone (a newcomer writes a new id).
+                entry = read_entry(ctrl.buf, index)
                 if not entry.ring_id:
                     continue
                 key = (name, g.nonce, entry.ring_id)
                 held = _registry.place_held(ctrl, index)
-                if key in rings:
-                    accounted.add(key)
+                if key not in rings:
+                    continue
+                if alive:
+                    referenced.add(key)
                     if not held:
                         actions.append(CleanAction(
                             "ring", name, rings[key].files,
                             f"its subscriber (pid {entry.pid}) is dead", nonce=g.nonce,
                             ring_id=entry.ring_id))
+                elif not held:
+                    dead_rings.append(rings[key])
+            if alive:
+                live_nonce[name] = g.nonce
+            else:
+                dead.add(name)
+                # Removed with the bus. Its live subscribers' rings stay theirs:
+                # below they are orphans in use, which are left alone.
+                actions.append(CleanAction(
+                    "bus", name, _control_files(name),
+                    f"its publisher (pid {g.pid}) is dead", nonce=g.nonce,
+                    rings=tuple(dead_rings)))
 
+    with_buses = {rf for a in actions if a.kind == "bus" for rf in a.rings}
     candidates = [rf for key, rf in sorted(rings.items())
-                  if key not in accounted and live_nonce.get(key[0]) != key[1] and _owned(rf.uid)]
+                  if key not in referenced and key[0] not in hands_off and _owned(rf.uid)
+                  and rf not in with_buses]
     users = shm_users(os.path.join(SHM_DIR, f) for rf in candidates for f in rf.files)
     for rf in candidates:
         pids = sorted({pid for f in rf.files for pid in users[os.path.join(SHM_DIR, f)]})
-        why = "its bus is gone" if rf.bus not in live_nonce else "it belongs to an older bus"
+        if live_nonce.get(rf.bus) == rf.nonce:
+            why = "no registry entry refers to it"
+        elif rf.bus in live_nonce:
+            why = "it belongs to an older bus of that name"
+        elif rf.bus in dead:
+            why = "its bus is dead"
+        else:
+            why = "its bus is gone"
         if pids:
             actions.append(CleanAction(
                 "keep", rf.bus, rf.files,
@@ -696,7 +719,7 @@ def _still_dead_ring(action: CleanAction) -> bool:
 
 
 def _still_orphan(action: CleanAction) -> bool:
-    """Re-check an orphan: no bus with its nonce refers to it, nobody has it open."""
+    """Re-check an orphan: no registry of its bus refers to it, nobody has it open or mapped."""
     try:
         ctrl = open_readonly(control_name(action.bus), CONTROL_HEADER_SIZE)
     except FileNotFoundError:
@@ -708,8 +731,10 @@ def _still_orphan(action: CleanAction) -> bool:
             try:
                 g = parse_control_header(ctrl.buf, ctrl.size)
             except ShmcastError:
-                g = None
-            if g is not None and g.nonce == action.nonce and _registry.publisher_alive(ctrl):
+                return False
+            if g.nonce == action.nonce and any(
+                    read_entry(ctrl.buf, index).ring_id == action.ring_id
+                    for index in range(g.max_subscribers)):
                 return False
     paths = [os.path.join(SHM_DIR, f) for f in action.files]
     return not any(shm_users(paths).values())

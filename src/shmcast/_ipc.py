@@ -52,7 +52,7 @@ class Segment:
         self.size = size
         self._mmap = _map(fd, size)
         self.buf = memoryview(self._mmap)
-        _track_fd(self)
+        track_fork(self)
 
     @classmethod
     def create(cls, name: str, size: int, mode: int) -> Segment:
@@ -115,14 +115,19 @@ class Segment:
         """Unmap and close the fd (which drops every lock taken through it). Idempotent."""
         if self.fd < 0:
             return
-        self.buf.release()
-        self._mmap.close()
         os.close(self.fd)
         self.fd = -1
+        self.buf.release()
+        # If a view of the map is still alive somewhere, the unmap happens when it goes.
+        with contextlib.suppress(BufferError):
+            self._mmap.close()
 
-    def _forget_fd_after_fork(self) -> None:
-        # A forked child shares our open file description, and with it our OFD
-        # locks: closing its copy lets the locks die with the parent, as they must.
+    def after_fork_in_child(self) -> None:
+        """Close the child's copy of the fd.
+
+        A forked child shares our open file description, and with it our OFD
+        locks: closing its copy lets the locks die with the parent, as they must.
+        """
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -242,19 +247,20 @@ def is_locked(fd: int, byte: int) -> bool:
 
 
 class _ForkAware(Protocol):
-    def _forget_fd_after_fork(self) -> None: ...
+    def after_fork_in_child(self) -> None: ...
 
 
 _live: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
 
 
-def _track_fd(obj: _ForkAware) -> None:
+def track_fork(obj: _ForkAware) -> None:
+    """Call ``obj.after_fork_in_child()`` in the child of every later ``os.fork()``."""
     _live.add(obj)
 
 
 def _after_fork_in_child() -> None:
     for obj in list(_live):
-        obj._forget_fd_after_fork()
+        obj.after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -270,6 +276,7 @@ __all__ = [
     "is_locked",
     "lock",
     "open_semaphore",
+    "track_fork",
     "try_lock",
     "unlink_segment",
     "unlink_semaphore",

@@ -12,14 +12,14 @@ import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import posix_ipc
 
 from . import _ipc, _registry
 from ._codecs import Codec, for_subscriber
 from ._errors import BusNotFoundError, ShmcastError, StreamClosed, TooManySubscribersError
-from ._event import Event
+from ._event import Event, make_event
 from ._layout import (
     CONTROL_HEADER_SIZE,
     ENTRY_JOINING,
@@ -45,6 +45,7 @@ class _Reader:
     def __init__(self, name: str, slots: int | None, codec: object) -> None:
         self.name = name
         self.pid = os.getpid()
+        self.forked = False  # set in the child of a fork(): the subscription is the parent's
         try:
             ctrl = _ipc.Segment.open(control_name(name))
         except FileNotFoundError:
@@ -53,6 +54,7 @@ class _Reader:
         self.ring: _ipc.Segment | None = None
         self.sem: posix_ipc.Semaphore | None = None
         self.index: int | None = None
+        self.reader: RingReader | None = None
         self.nonce = 0
         self.ring_id = 0
         try:
@@ -60,6 +62,10 @@ class _Reader:
         except BaseException:
             self.release(unregister=True)
             raise
+        _ipc.track_fork(self)
+
+    def after_fork_in_child(self) -> None:
+        self.forked = True
 
     def _attach(self, slots: int | None, codec: object) -> None:
         ctrl = self.ctrl
@@ -114,7 +120,7 @@ class _Reader:
     def leave(self) -> None:
         """Give up our place in the registry and our ring's names; keep the mapping to drain."""
         ctrl = self.ctrl
-        if ctrl is None or self.pid != os.getpid():
+        if ctrl is None or self.forked:
             return
         self.ctrl = None
         if self.index is not None:
@@ -131,7 +137,7 @@ class _Reader:
 
     def release(self, unregister: bool = False) -> None:
         """Free every OS handle (idempotent); with *unregister*, leave the registry first."""
-        if self.pid != os.getpid():
+        if self.forked:
             return  # a forked copy: the subscription is not ours to end
         ctrl = self.ctrl
         if ctrl is not None:
@@ -147,6 +153,8 @@ class _Reader:
             self.sem.close()
             self.sem = None
         if self.ring is not None:
+            if self.reader is not None:
+                self.reader.release()
             self.ring.close()
             self.ring = None
 
@@ -169,6 +177,11 @@ class Subscription:
                  codec: str | Codec | None = None) -> None:
         check_name(name)
         self._r = _Reader(name, slots, codec)
+        if self._r.reader is None:  # _Reader raises rather than leave this unset
+            raise ShmcastError(f"could not attach to bus {name!r}")
+        self._reader: RingReader = self._r.reader
+        self._loads = self._r.loads
+        self._types: dict[bytes, str] = {}
         self._lock = threading.Lock()
         self._reason: str | None = None  # why the stream ends, once it is known
         self._limit: int | None = None  # ring index the stream ends at, once unsubscribed
@@ -187,39 +200,58 @@ class Subscription:
     # Reading.
     def _next(self) -> Event | None:
         """The next event, None if there is none yet; StreamClosed at the end. Lock held."""
+        if self._ended or self._r.forked:
+            self._raise_ended()
+        item = self._reader.read(self._limit)
+        if item is None:
+            item = self._check_end()
+            if item is None:
+                return None
+        version, timestamp, tb, data = item
+        type_ = self._types.get(tb)
+        if type_ is None:
+            type_ = tb.decode("utf-8", "replace")
+            if len(self._types) < 1024:
+                self._types[tb] = type_
+        return make_event(type_, self._loads(data), version, timestamp, data)
+
+    def _check_end(self) -> tuple[int, float, bytes, bytes] | None:
+        """Nothing to read: find out whether the stream ended (StreamClosed) or not (None).
+
+        May return an event after all: one published just before the end mark.
+        """
+        reader = self._reader
+        item = None
+        if self._reason is None:
+            # The end mark is written after the last event: once we see it, a
+            # second read sees every event written before it.
+            if reader.ended():
+                self._reason = StreamClosed.BUS_CLOSED
+                item = reader.read(self._limit)
+            elif time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + LIVENESS_PERIOD
+                ctrl = self._r.ctrl
+                if ctrl is not None and not _registry.publisher_alive(ctrl):
+                    self._reason = StreamClosed.PUBLISHER_DIED
+                    item = reader.read(self._limit)  # what it wrote before dying
+        if item is None and self._reason is not None:
+            self._end()
+            self._raise_ended()
+        return item
+
+    def _raise_ended(self) -> NoReturn:
         r = self._r
-        if self._ended:
-            raise StreamClosed(self._reason or StreamClosed.UNSUBSCRIBED, r.name)
-        if r.pid != os.getpid():
+        if r.forked:
             raise ShmcastError(
                 f"this subscription belongs to process {r.pid}; a forked child must subscribe "
                 "on its own"
             )
-        reader = r.reader
-        end = reader.ended()  # before read(): a set end mark means every event is written
-        item = reader.read(self._limit)
-        if item is None:
-            if self._reason is None:
-                if end:
-                    self._reason = StreamClosed.BUS_CLOSED
-                elif time.monotonic() >= self._next_check:
-                    self._next_check = time.monotonic() + LIVENESS_PERIOD
-                    ctrl = r.ctrl
-                    if ctrl is not None and not _registry.publisher_alive(ctrl):
-                        self._reason = StreamClosed.PUBLISHER_DIED
-                        item = reader.read(self._limit)  # what it wrote before dying
-            if item is None:
-                if self._reason is not None:
-                    self._end()
-                    raise StreamClosed(self._reason, r.name)
-                return None
-        version, timestamp, tb, data = item
-        return Event(tb.decode(), r.loads(data), version, timestamp, data)
+        raise StreamClosed(self._reason or StreamClosed.UNSUBSCRIBED, r.name)
 
     def _end(self) -> None:
         r = self._r
         self._ended = True
-        self._final_dropped = r.reader.drops(self._limit)
+        self._final_dropped = self._reader.drops(self._limit)
         r.leave()
         if self._waiters == 0:
             self._finalizer()
@@ -312,10 +344,10 @@ class Subscription:
         """
         with self._lock:
             r = self._r
-            if self._reason is not None or self._ended or r.pid != os.getpid():
+            if self._reason is not None or self._ended or r.forked:
                 return
             self._reason = StreamClosed.UNSUBSCRIBED
-            self._limit = r.reader.written()
+            self._limit = self._reader.written()
             r.leave()
             sem = r.sem
             if sem is not None:
@@ -330,7 +362,7 @@ class Subscription:
         with self._lock:
             if self._ended or self._r.ring is None:
                 return self._final_dropped
-            return self._r.reader.drops(self._limit)
+            return self._reader.drops(self._limit)
 
     @property
     def closed(self) -> bool:

@@ -21,8 +21,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from . import _inspect
+from ._demo import run as run_demo
 from ._errors import ShmcastError, StreamClosed
 from ._event import Event
+from ._subscription import subscribe
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # missing bus, bad name, permission denied, not a shmcast bus, ...
@@ -251,8 +253,6 @@ _FORMATS: dict[str, Callable[[Event, str], str]] = {
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from ._subscription import subscribe
-
     geometry = _inspect.read_geometry(args.name)  # a clear error before anything else
     codec = geometry.codec
     fmt = _FORMATS[args.format]
@@ -281,9 +281,13 @@ def _tail(args: argparse.Namespace) -> int:
                 except StreamClosed as e:
                     ended = e.reason
                     break
-                if args.format == "pretty" and last and event.version > last + 1:
-                    gap = event.version - last - 1
-                    out.write(f"{'':>8}  ... {gap} event{'s' if gap != 1 else ''} dropped\n")
+                if args.format == "pretty":
+                    # Versions tell the gap between two events; before the first,
+                    # what the subscription counted so far.
+                    gap = event.version - last - 1 if last else sub.dropped
+                    if gap > 0:
+                        out.write(f"{'':>8}  ... {gap} event{'s' if gap != 1 else ''} "
+                                  "dropped\n")
                 out.write(fmt(event, codec) + "\n")
                 out.flush()
                 last = event.version
@@ -313,7 +317,7 @@ def _describe_action(action: _inspect.CleanAction) -> str:
         extra = ""
         if action.rings:
             n = len(action.rings)
-            extra = f", with {n} dead subscriber{'s' if n != 1 else ''}' ring{'s' if n != 1 else ''}"
+            extra = f", with {n} dead subscriber ring{'s' if n != 1 else ''}"
         return f"bus {action.bus!r} ({action.reason}{extra})"
     what = "ring" if action.kind == "ring" else "orphan ring"
     name = _inspect.ring_name_of(action)
@@ -325,7 +329,8 @@ def _clean(args: argparse.Namespace) -> int:
     actions = _inspect.plan_clean(args.patterns)
     for action in actions:
         if action.kind == "keep":
-            print(f"kept {_inspect.ring_name_of(action)}: {action.reason}")
+            what = _inspect.ring_name_of(action) if action.ring_id else action.files[0]
+            print(f"left alone: {what}: {action.reason}")
     todo = [a for a in actions if a.kind != "keep"]
     if args.dry_run:
         for action in todo:
@@ -352,9 +357,7 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import run
-
-    return 0 if run(events=args.events, subscribers=args.subscribers,
+    return 0 if run_demo(events=args.events, subscribers=args.subscribers,
                     slow_delay=args.slow_ms / 1000) else 1
 
 

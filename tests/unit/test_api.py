@@ -155,3 +155,18 @@ def test_exists_and_not_found(bus_name: str) -> None:
         Bus(bus_name)
     with pytest.raises(BusNotFoundError):
         shmcast.subscribe(bus_name)
+
+
+def test_fast_event_constructor_matches_the_dataclass() -> None:
+    import dataclasses
+
+    from shmcast._event import make_event
+
+    fast = make_event("t", {"a": 1}, 3, 1.5, b'{"a":1}')
+    slow = shmcast.Event("t", {"a": 1}, 3, 1.5, b'{"a":1}')
+    assert fast == slow
+    assert repr(fast) == repr(slow)
+    assert fast.data == b'{"a":1}'
+    assert dataclasses.asdict(fast)["payload"] == {"a": 1}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.version = 4  # type: ignore[misc]

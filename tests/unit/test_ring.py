@@ -13,7 +13,7 @@ from shmcast._layout import (
     ring_size,
     slot_stride,
 )
-from shmcast._ring import RingReader, RingWriter, drops
+from shmcast._ring import INLINE_MAX, RingReader, RingWriter, drops, frame
 
 SLOTS = 4
 SLOT_SIZE = 32
@@ -28,7 +28,7 @@ def make(overwrite: bool = True) -> tuple[RingWriter, RingReader, memoryview]:
 
 def publish(writer: RingWriter, versions: range) -> None:
     for v in versions:
-        writer.write(v, float(v), b"t", str(v).encode())
+        writer.write(*frame(v, float(v), b"t", str(v).encode()))
 
 
 def drain(reader: RingReader) -> list[int]:
@@ -130,3 +130,16 @@ def test_reader_persists_cursor_for_the_writer() -> None:
     drain(reader)
     assert U64.unpack_from(buf, R_OFF)[0] == 2
     assert slot_stride(SLOT_SIZE) % 8 == 0
+
+
+def test_large_payloads_are_copied_as_head_and_tail() -> None:
+    buf = memoryview(bytearray(ring_size(2, 4096)))
+    pack_ring_header(buf, slots=2, slot_size=4096, nonce=1, ring_id=2)
+    writer = RingWriter(buf, 2, 4096, True)
+    reader = RingReader(buf, 2, 4096, True)
+    big = bytes(range(256)) * 16
+    head, tail = frame(1, 0.5, b"big", big)
+    assert tail == big
+    assert len(head) < INLINE_MAX
+    writer.write(head, tail)
+    assert reader.read() == (1, 0.5, b"big", big)
