@@ -47,6 +47,7 @@ from ._names import (
     check_name,
     control_name,
     ring_name,
+    touch,
 )
 from ._ring import RingWriter, frame
 
@@ -320,6 +321,7 @@ class Bus:
             raise ValueError(
                 f"a ring of {slots} slots of {slot_size} bytes exceeds {MAX_RING_BYTES} bytes"
             )
+        touch(name)
         self._core = _Publisher(name, slots, slot_size, max_subscribers, overflow,
                                 resolve(codec), mode)
         self._finalizer = weakref.finalize(self, self._core.close)

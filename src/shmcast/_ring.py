@@ -23,6 +23,8 @@ buffer they are given.
 
 from __future__ import annotations
 
+import time
+
 from ._layout import (
     END_OFF,
     R_OFF,
@@ -35,6 +37,8 @@ from ._layout import (
     slot_stride,
 )
 from ._names import MAX_TYPE_BYTES
+
+_perf_counter = time.perf_counter
 
 # 8-byte fields are read and written through a ``memoryview.cast("Q")`` of the
 # ring: one aligned 8-byte copy each, and several times cheaper than
@@ -140,6 +144,18 @@ class RingReader:
     def release(self) -> None:
         """Drop our view of the ring so its segment can be unmapped."""
         self.q.release()
+
+    def poll(self, seconds: float) -> bool:
+        """Watch ``w`` for up to *seconds* without sleeping; whether an event arrived."""
+        q = self.q
+        r = self.r
+        if q[_W] != r:
+            return True
+        deadline = _perf_counter() + seconds
+        while _perf_counter() < deadline:
+            if q[_W] != r:
+                return True
+        return False
 
     def written(self) -> int:
         """The writer's count of events written."""
