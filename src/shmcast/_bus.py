@@ -173,22 +173,25 @@ class _Publisher:
 
     def _adopt(self, index: int, ring_id: int, slots: int) -> None:
         name = ring_name(self.name, self.nonce, ring_id)
-        try:
-            if not 1 <= slots <= MAX_SLOTS or ring_size(slots, self.slot_size) > MAX_RING_BYTES:
-                raise ShmcastError(f"registry entry {index} claims {slots} slots")
-            segment = _ipc.Segment.open(name, ring_size(slots, self.slot_size))
-        except (OSError, ShmcastError):
-            self.bad[index] = ring_id  # a subscriber that died joining, or a hostile one
+        size = ring_size(slots, self.slot_size)
+        if not 1 <= slots <= MAX_SLOTS or size > MAX_RING_BYTES:
+            self.bad[index] = ring_id  # an impossible entry: garbage, or a hostile subscriber
             return
+        segment = sem = None
         try:
+            # Map exactly what the geometry says, whatever the file's size now.
+            segment = _ipc.Segment.open(name, size, exact=True)
             check_ring_header(segment.buf, segment.size, slots=slots, slot_size=self.slot_size,
                               nonce=self.nonce, ring_id=ring_id)
             sem = _ipc.open_semaphore(name)
-        except (OSError, ShmcastError):
-            segment.close()
+            writer = RingWriter(segment.buf, slots, self.slot_size, self.overwrite)
+        except Exception:  # noqa: BLE001 - whatever a dying or hostile subscriber left, skip it
+            if sem is not None:
+                sem.close()
+            if segment is not None:
+                segment.close()
             self.bad[index] = ring_id
             return
-        writer = RingWriter(segment.buf, slots, self.slot_size, self.overwrite)
         self.rings[index] = _Ring(index, ring_id, segment, sem, writer)
 
     def _retire(self, ring: _Ring) -> None:

@@ -470,10 +470,8 @@ def read_bus(name: str, *, every_place: bool = False,
             extra: dict[str, Any]
             if isinstance(counters, RingCounters):
                 extra = counters._asdict()
-            elif counters is not None:
-                extra = {"error": counters}
             else:
-                extra = {}
+                extra = {"error": counters or "ring gone"}
             subs.append(SubscriberInfo(
                 index=index,
                 pid=entry.pid,

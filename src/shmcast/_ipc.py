@@ -79,9 +79,10 @@ class Segment:
             raise ShmcastError(f"cannot create {size}-byte segment {name!r}: {e}") from e
 
     @classmethod
-    def open(cls, name: str, min_size: int = 1) -> Segment:
+    def open(cls, name: str, min_size: int = 1, *, exact: bool = False) -> Segment:
         """Map an existing segment; ``FileNotFoundError`` if there is none.
 
+        :param exact: map only *min_size* bytes, whatever the file's size.
         :raises ShmcastError: if it is smaller than *min_size*.
         """
         try:
@@ -97,7 +98,7 @@ class Segment:
                 raise ShmcastError(
                     f"segment {name!r} is {size} bytes, too small to be what it claims to be"
                 )
-            return cls(name, fd, size)
+            return cls(name, fd, min_size if exact else size)
         except BaseException:
             os.close(fd)
             raise
@@ -135,17 +136,18 @@ class Segment:
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
-    """Map *fd* without sharing its open file description with the map.
+    """Map *fd*'s file through an open file description of its own.
 
-    ``mmap.mmap`` keeps a dup of the fd it maps, and a dup shares the open file
-    description and so our OFD locks: a forked child would then keep them, the
-    publisher's included, alive after we die. Mapping a fresh open of the same
-    file (its own description, which never holds a lock) avoids that.
+    A mapping keeps a reference to the open file description it was made
+    from (and ``mmap.mmap`` also keeps a dup of the fd), so mapping the locked
+    description itself would keep our OFD locks alive in every forked child,
+    the publisher's included, after we die. A fresh open of the same file,
+    which never holds a lock, avoids that.
     """
-    if sys.version_info >= (3, 13):
-        return mmap.mmap(fd, size, trackfd=False)
     map_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
     try:
+        if sys.version_info >= (3, 13):
+            return mmap.mmap(map_fd, size, trackfd=False)
         return mmap.mmap(map_fd, size)
     finally:
         os.close(map_fd)

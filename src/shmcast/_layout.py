@@ -54,8 +54,8 @@ cache lines::
     40   24    reserved
     64   8     w: events written so far        publisher
     72   8     rejected (drop_new drops)       publisher
-    80   4     end: 0 open, 1 bus closed       publisher
-    84   44    reserved
+    80   8     end: 0 open, 1 bus closed       publisher
+    88   40    reserved
     128  8     r: events consumed so far       subscriber
     136  8     skipped (overwritten unread)    subscriber
     144  48    reserved

@@ -208,6 +208,12 @@ class RingReader:
             q[_R] = r
             q[_SKIPPED] = self.skipped
 
+    def discard(self) -> None:
+        """Count the event last returned by read() as dropped and corrupt (it would not decode)."""
+        self.corrupt += 1
+        self.skipped += 1
+        self.q[_SKIPPED] = self.skipped
+
     def drops(self, limit: int | None = None) -> int:
         """What this reader lost so far, counting overwritten events it has not reached yet."""
         q = self.q

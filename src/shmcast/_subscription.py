@@ -217,18 +217,24 @@ class Subscription:
         """The next event, None if there is none yet; StreamClosed at the end. Lock held."""
         if self._ended or self._r.forked:
             self._raise_ended()
-        item = self._reader.read(self._limit)
-        if item is None:
-            item = self._check_end()
+        while True:
+            item = self._reader.read(self._limit)
             if item is None:
-                return None
-        version, timestamp, tb, data = item
-        type_ = self._types.get(tb)
-        if type_ is None:
-            type_ = tb.decode("utf-8", "replace")
-            if len(self._types) < 1024:
-                self._types[tb] = type_
-        return make_event(type_, self._loads(data), version, timestamp, data)
+                item = self._check_end()
+                if item is None:
+                    return None
+            version, timestamp, tb, data = item
+            type_ = self._types.get(tb)
+            if type_ is None:
+                type_ = tb.decode("utf-8", "replace")
+                if len(self._types) < 1024:
+                    self._types[tb] = type_
+            try:
+                payload = self._loads(data)
+            except Exception:  # noqa: BLE001 - bytes the codec cannot read: a counted drop
+                self._reader.discard()
+                continue
+            return make_event(type_, payload, version, timestamp, data)
 
     def _check_end(self) -> tuple[int, float, bytes, bytes] | None:
         """Nothing to read: find out whether the stream ended (StreamClosed) or not (None).

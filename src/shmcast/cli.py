@@ -294,6 +294,7 @@ def _tail(args: argparse.Namespace) -> int:
                 count += 1
         except BrokenPipeError:
             # The reader went away (e.g. `| head`): stop quietly; no flush at exit either.
+            ended = "output closed"
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
         finally:

@@ -1,0 +1,148 @@
+"""Helpers for the stress, fuzz and soak tests: forked children, bounded waits, /dev/shm.
+
+Children are plain ``os.fork()`` children that run one function and leave with
+``os._exit`` (no pytest teardown, no finalizers run in them). The parent always
+kills them by pid and reaps them in ``finally``, and tests assert their exit
+status. Nothing here ever touches a /dev/shm entry that does not carry the
+test's own bus name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+DEV_SHM = "/dev/shm"
+
+
+def bus_entries(name: str) -> list[str]:
+    """/dev/shm entries of bus *name* (control, rings, semaphores); names are unique per test."""
+    return sorted(e for e in os.listdir(DEV_SHM)
+                  if e == f"shmcast.{name}" or f"shmcast.{name}." in e)
+
+
+def remove_bus_entries(name: str) -> list[str]:
+    """Unlink every /dev/shm entry of our own bus *name* (a test's last-resort cleanup)."""
+    removed = []
+    for entry in bus_entries(name):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(DEV_SHM, entry))
+            removed.append(entry)
+    return removed
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str = "",
+               interval: float = 0.002) -> Any:
+    """Poll *pred* until truthy (returned) or fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not true within {timeout:.2f}s: {what or pred!r}")
+        time.sleep(interval)
+
+
+def fork_child(body: Callable[[], int | None]) -> int:
+    """Run *body* in a forked child; its exit code is body's return (0 for None), 70 on error."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 70
+        try:
+            code = body() or 0
+        except BaseException:  # noqa: BLE001 - reported through the exit code
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until child *pid* stopped itself with SIGSTOP (fails if it exited or took too long)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+        if done:
+            if os.WIFSTOPPED(status):
+                return
+            raise AssertionError(
+                f"child {pid} exited ({os.waitstatus_to_exitcode(status)}) instead of stopping")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"child {pid} did not stop within {timeout}s")
+        time.sleep(0.001)
+
+
+class Children:
+    """Forked children of one test, killed by pid and reaped on exit (a context manager).
+
+    A pid is forgotten as soon as it is reaped, so it is never signalled again
+    once the kernel may have given it to another process.
+    """
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+
+    def fork(self, body: Callable[[], int | None]) -> int:
+        pid = fork_child(body)
+        self.pids.add(pid)
+        return pid
+
+    def reap(self, pid: int, timeout: float = 10.0) -> int:
+        """Wait for *pid* to exit; its exit code (-signal if killed). Fails after *timeout*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.pids.discard(pid)
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
+                self.kill(pid)
+                raise AssertionError(f"child {pid} did not exit within {timeout}s")
+            time.sleep(0.001)
+
+    def kill(self, pid: int, timeout: float = 10.0) -> int:
+        """SIGKILL *pid* and reap it; its exit code (-9 unless it had already exited)."""
+        assert pid in self.pids, f"{pid} is not an unreaped child of this test"
+        os.kill(pid, signal.SIGKILL)
+        return self.reap(pid, timeout)
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self.pids.discard(pid)
+
+
+def stop_self() -> None:
+    """SIGSTOP the calling process (a child parks itself exactly where the test wants it)."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+__all__ = [
+    "DEV_SHM",
+    "bus_entries",
+    "Children",
+    "fork_child",
+    "remove_bus_entries",
+    "stop_self",
+    "wait_stopped",
+    "wait_until",
+]

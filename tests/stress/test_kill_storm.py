@@ -1,0 +1,618 @@
+"""Kill storms: SIGKILL subscribers and publishers at random and at chosen points.
+
+Every child is an ``os.fork()`` child killed by pid and reaped by the test. A
+child that must die at an exact point (mid-write of a slot, holding the
+registry lock, between two rings of one publish...) parks itself there with
+SIGSTOP first, so "killed mid-publish" is a fact, not a hope about timing; the
+storms add random points on top (a child killed while it reads or publishes at
+full speed).
+
+After every kill: survivors keep working and see an intact, strictly
+increasing stream whose received + dropped equals what was published while
+they were subscribed; publish stays fast; a freed place can be taken again;
+a new bus of the same name can be created; and once everyone is closed
+nothing of the bus is left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import select
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from _stress_helpers import (
+    Children,
+    bus_entries,
+    remove_bus_entries,
+    stop_self,
+    wait_stopped,
+    wait_until,
+)
+
+from shmcast import (
+    Bus,
+    BusExistsError,
+    ShmcastError,
+    StreamClosed,
+    TooManySubscribersError,
+    subscribe,
+)
+from shmcast._layout import ENTRY, entry_offset, read_entry
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.filterwarnings(r"ignore:This process \(pid=\d+\) is multi-threaded"),
+]
+
+KILLED = -signal.SIGKILL
+PUBLISH_BOUND = 1.0  # seconds; a publish is microseconds, this only absorbs a loaded host
+STORM_SHORT = int(os.environ.get("SHMCAST_STORM_SHORT", "40"))
+# A dead publisher is noticed by polling (the contract allows 2 s; shmcast polls every
+# 0.5 s), so each publisher iteration costs about half a second.
+PUB_STORM_SHORT = int(os.environ.get("SHMCAST_PUB_STORM_SHORT", "12"))
+STORM_LONG = int(os.environ.get("SHMCAST_STORM_LONG", "600"))
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+class Pipe:
+    """A pipe from a child to the test: the child writes JSON lines, the test reads them."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        self.buf = b""
+
+    def send(self, msg: dict) -> None:  # in the child
+        os.write(self.w, (json.dumps(msg) + "\n").encode())
+
+    def recv(self, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.r], [], [], max(0.0, remaining))
+            if not ready:
+                raise AssertionError(f"no message from the child within {timeout}s")
+            chunk = os.read(self.r, 65536)
+            if not chunk:
+                raise AssertionError("the child closed its pipe without a message")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _check(ev: Any, last: int) -> str | None:
+    if ev.version <= last:
+        return f"version {ev.version} after {last}"
+    if ev.payload != {"v": ev.version} or ev.type != "e":
+        return f"v{ev.version}: torn or wrong event {ev.type!r} {ev.payload!r}"
+    return None
+
+
+def _reader(name: str, pipe: Pipe, mode: str = "fast", slots: int | None = None) -> int:
+    """Child: subscribe, say ready, read and check every event until the stream ends."""
+    sub = subscribe(name, slots=slots)
+    pipe.send({"ready": os.getpid()})
+    last = n = 0
+    while True:
+        try:
+            ev = sub.get(timeout=30)
+        except StreamClosed as exc:
+            reason = exc.reason
+            break
+        bad = _check(ev, last)
+        if bad:
+            pipe.send({"bad": bad})
+            return 3
+        last, n = ev.version, n + 1
+        if mode == "slow":
+            time.sleep(0.002)
+    pipe.send({"n": n, "dropped": sub.dropped, "last": last, "reason": reason})
+    return 0
+
+
+def _read_to_end(sub: Any, timeout: float = 5.0) -> tuple[list[Any], StreamClosed]:
+    """Every event until the stream ends; fails if get() times out instead."""
+    got = []
+    while True:
+        try:
+            got.append(sub.get(timeout=timeout))
+        except StreamClosed as end:
+            return got, end
+
+
+def _park(module: Any, attr: str, when: Callable[..., bool] = lambda *a, **k: True,
+          before: bool = True) -> None:
+    """In a child: make *module.attr* SIGSTOP the process when *when(args)* (before/after)."""
+    orig = getattr(module, attr)
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        hit = when(*args, **kwargs)
+        if hit and before:
+            stop_self()
+        result = orig(*args, **kwargs)
+        if hit and not before:
+            stop_self()
+        return result
+
+    setattr(module, attr, parked)
+
+
+def _park_inside_slot_write() -> None:
+    """In a child: SIGSTOP inside RingWriter.write as soon as the slot's seq turned odd.
+
+    Found by watching the ring itself (the layout's seqlock protocol: seq is 2i+1
+    while event i is written), so it holds whatever the write's code looks like.
+    """
+    import struct
+    import sys
+
+    from shmcast._layout import RING_HEADER_SIZE
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        w = frame.f_locals.get("self")
+        if event == "line" and w is not None:
+            off = RING_HEADER_SIZE + (w.w % w.slots) * w.stride
+            if struct.unpack_from("<Q", w.buf, off)[0] == 2 * w.w + 1:
+                sys.settrace(None)
+                stop_self()
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        if code.co_name == "write" and code.co_filename.endswith("_ring.py"):
+            return local
+        return None
+
+    sys.settrace(tracer)
+
+
+# ----------------------------------------------------------------------------- chosen points
+
+
+def _die_after(stage: str, name: str) -> None:
+    """Child body: subscribe, parking with SIGSTOP at *stage* (the parent then SIGKILLs us)."""
+    from shmcast import _ipc, _registry
+
+    if stage == "joining":  # place claimed, entry and ring written, not yet active
+        _park(_registry, "activate")
+        subscribe(name)
+    elif stage == "activating":  # holding the registry lock inside activate()
+        _park(_ipc, "unlock", lambda fd, byte: byte == _ipc.REGISTRY_LOCK)
+        subscribe(name)
+    else:  # "active": fully subscribed, never reads
+        sub = subscribe(name)
+        stop_self()
+        del sub
+
+
+@pytest.mark.parametrize("stage", ["joining", "activating", "active"])
+def test_dead_subscribers_ring_is_removed_when_nobody_reuses_its_place(bus_name, stage):
+    with Children() as kids:
+        try:
+            bus = Bus(bus_name)
+            pid = kids.fork(lambda: _die_after(stage, bus_name))
+            wait_stopped(pid)
+            assert len(bus_entries(bus_name)) == 3  # control, ring, ring's semaphore
+            assert kids.kill(pid) == KILLED
+            bus.close()
+            assert bus_entries(bus_name) == []
+        finally:
+            remove_bus_entries(bus_name)
+
+
+@pytest.mark.parametrize("stage", ["joining", "activating", "active"])
+def test_dead_subscribers_ring_is_removed_when_its_place_is_reused(bus_name, stage):
+    with Children() as kids:
+        try:
+            bus = Bus(bus_name, max_subscribers=1)
+            pid = kids.fork(lambda: _die_after(stage, bus_name))
+            wait_stopped(pid)
+            dead_ring = [e for e in bus_entries(bus_name) if e != f"shmcast.{bus_name}"]
+            assert len(dead_ring) == 2
+            assert kids.kill(pid) == KILLED
+            with subscribe(bus_name) as sub:  # the only place: the dead one's
+                assert bus.publish("e", 1) == 1
+                assert sub.get(timeout=5).payload == 1
+                assert bus.subscriber_count == 1
+                assert len(bus_entries(bus_name)) == 3
+            bus.close()
+            left = bus_entries(bus_name)
+            assert left == [], f"left behind: {left} (dead subscriber's ring was {dead_ring})"
+        finally:
+            remove_bus_entries(bus_name)
+
+
+def test_subscriber_killed_holding_the_registry_lock_in_unsubscribe(bus_name):
+    """The registry lock is an OFD lock: its holder's death frees it at once."""
+    with Children() as kids:
+        try:
+            bus = Bus(bus_name)
+            other = subscribe(bus_name)
+
+            def body() -> int:
+                from shmcast import _ipc
+
+                sub = subscribe(bus_name)
+                _park(_ipc, "unlock", lambda fd, byte: byte == _ipc.REGISTRY_LOCK)
+                sub.unsubscribe()
+                return 0
+
+            pid = kids.fork(body)
+            wait_stopped(pid)
+            # The child is stopped holding the registry lock: publish still never waits.
+            t0 = time.monotonic()
+            assert bus.publish("e", {"v": 1}) == 1
+            assert time.monotonic() - t0 < PUBLISH_BOUND
+            assert kids.kill(pid) == KILLED
+            # Lock freed by the kernel: subscribing (which takes it) works at once.
+            t0 = time.monotonic()
+            with subscribe(bus_name) as third:
+                assert time.monotonic() - t0 < 1.0
+                assert bus.publish("e", {"v": 2}) == 2
+                assert third.get(timeout=5).payload == {"v": 2}
+            assert [other.get(timeout=5).payload for _ in range(2)] == [{"v": 1}, {"v": 2}]
+            assert bus.subscriber_count == 1
+            other.unsubscribe()
+            bus.close()
+            assert bus_entries(bus_name) == []
+        finally:
+            remove_bus_entries(bus_name)
+
+
+def _publisher_parked(name: str, stage: str, pipe: Pipe) -> int:
+    """Child: create the bus, wait for two subscribers, publish v1..v3, die at *stage* of v4."""
+    from shmcast import _ipc, _ring
+
+    bus = Bus(name, slots=8)
+    pipe.send({"bus": os.getpid()})
+    wait_until(lambda: bus.subscriber_count == 2, 10, "two subscribers")
+    for v in (1, 2, 3):
+        bus.publish("e", {"v": v})
+    if stage == "mid-slot":  # the slot's seq is odd: the writer is inside it
+        _park_inside_slot_write()
+    elif stage == "between-rings":  # first ring has v4, the second not yet
+        calls = [0]
+
+        def second(*args: Any) -> bool:
+            calls[0] += 1
+            return calls[0] == 2
+
+        _park(_ring.RingWriter, "write", second)
+    elif stage == "before-wake":  # every ring written, no one woken yet
+        calls = [0]
+
+        def last(*args: Any) -> bool:
+            calls[0] += 1
+            return calls[0] == 2
+
+        _park(_ring.RingWriter, "write", last, before=False)
+    elif stage == "closing":  # inside close(): registry lock held, state closed, rings not ended
+        from shmcast import _bus
+
+        _park(_bus._Publisher, "_scan", lambda self: self.closed)
+        bus.close()
+        return 0
+    elif stage == "closed-but-unlock":  # close() done but for releasing the registry lock
+        _park(_ipc, "unlock", lambda fd, byte: byte == _ipc.REGISTRY_LOCK)
+        bus.close()
+        return 0
+    bus.publish("e", {"v": 4})
+    return 0
+
+
+@pytest.mark.parametrize(
+    "stage", ["mid-slot", "between-rings", "before-wake", "closing", "closed-but-unlock"])
+def test_publisher_killed_at_a_chosen_point(bus_name, stage):
+    pipe = Pipe()
+    with Children() as kids:
+        subs: list[Any] = []
+        try:
+            pid = kids.fork(lambda: _publisher_parked(bus_name, stage, pipe))
+            pipe.recv()
+            subs = [subscribe(bus_name), subscribe(bus_name)]
+            wait_stopped(pid)
+            assert kids.kill(pid) == KILLED
+            for sub in subs:
+                t0 = time.monotonic()
+                got, info = _read_to_end(sub)
+                # The contract's 2 s, plus the time spent reading.
+                assert time.monotonic() - t0 < 2.5
+                last = 0
+                for ev in got:
+                    assert _check(ev, last) is None
+                    last = ev.version
+                versions = [ev.version for ev in got]
+                # Never the half-written event; v4 only where it was completely written.
+                assert versions in ([1, 2, 3], [1, 2, 3, 4]), versions
+                if stage == "mid-slot":
+                    assert versions == [1, 2, 3]
+                if stage == "closed-but-unlock":
+                    assert info.reason == StreamClosed.BUS_CLOSED
+                else:
+                    assert info.reason == StreamClosed.PUBLISHER_DIED
+            # The subscribers' ending reclaimed the dead bus: nothing of it is left.
+            assert bus_entries(bus_name) == []
+            # A new bus of the same name: the old subscriptions never touch it.
+            with Bus(bus_name) as bus2, subscribe(bus_name) as fresh:
+                for sub in subs:
+                    sub.unsubscribe()
+                assert bus2.subscriber_count == 1
+                assert bus2.publish("e", {"v": 1}) == 1
+                assert fresh.get(timeout=5).payload == {"v": 1}
+            assert bus_entries(bus_name) == []
+        finally:
+            for sub in subs:
+                sub.unsubscribe()
+            pipe.close()
+            remove_bus_entries(bus_name)
+
+
+def test_publisher_killed_while_creating_the_bus(bus_name):
+    """Dead between creating the control segment and writing its magic: reclaimed silently."""
+    with Children() as kids:
+        try:
+            def body() -> int:
+                from shmcast import _bus
+
+                _park(_bus, "pack_control_header")
+                Bus(bus_name)
+                return 0
+
+            pid = kids.fork(body)
+            wait_stopped(pid)
+            assert bus_entries(bus_name) == [f"shmcast.{bus_name}"]
+            # Alive (stopped) and holding the publisher lock: the name is taken, and the
+            # half-made segment is no bus to subscribe to.
+            with pytest.raises(BusExistsError):
+                Bus(bus_name)
+            with pytest.raises(ShmcastError):
+                subscribe(bus_name)
+            assert kids.kill(pid) == KILLED
+            with Bus(bus_name) as bus, subscribe(bus_name) as sub:
+                assert bus.publish("e", {"v": 1}) == 1
+                assert sub.get(timeout=5).payload == {"v": 1}
+            assert bus_entries(bus_name) == []
+        finally:
+            remove_bus_entries(bus_name)
+
+
+# ----------------------------------------------------------------------------- pid reuse
+
+
+def _take_pid(kids: Children, want: int, body: Callable[[], int | None]) -> int | None:
+    """Fork a child that gets pid *want* (via ns_last_pid); None if the kernel won't."""
+    for _ in range(50):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(want - 1))
+        except OSError:
+            return None
+        pid = kids.fork(body)
+        if pid == want:
+            return pid
+        kids.kill(pid)
+    return None
+
+
+def test_pid_reuse_does_not_keep_a_dead_registration_alive(bus_name):
+    """Liveness is the place's OFD lock, not the pid in the registry entry."""
+    with Children() as kids:
+        try:
+            bus = Bus(bus_name, max_subscribers=1)
+            pid = kids.fork(lambda: _die_after("active", bus_name))
+            wait_stopped(pid)
+            assert bus.subscriber_count == 1
+            assert read_entry(bus._core.ctrl.buf, 0).pid == pid
+            assert kids.kill(pid) == KILLED
+
+            def squatter() -> int:
+                stop_self()  # a process that merely has the dead subscriber's pid
+                return 0
+
+            reused = _take_pid(kids, pid, squatter)
+            if reused is None:
+                # No ns_last_pid here: point the dead entry at a live process instead.
+                reused = kids.fork(squatter)
+                entry = read_entry(bus._core.ctrl.buf, 0)
+                ENTRY.pack_into(bus._core.ctrl.buf, entry_offset(0),
+                                *entry._replace(pid=reused))
+            wait_stopped(reused)
+            assert read_entry(bus._core.ctrl.buf, 0).pid == reused
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(reused, 0)  # the pid is alive
+            assert bus.subscriber_count == 0
+            bus.publish("e", {"v": 1})
+            assert bus.subscriber_count == 0
+            # The only place is free: a new subscriber takes it.
+            with subscribe(bus_name) as sub:
+                assert bus.publish("e", {"v": 2}) == 2
+                assert sub.get(timeout=5).payload == {"v": 2}
+            assert kids.kill(reused) == KILLED
+            bus.close()
+            assert bus_entries(bus_name) == []
+        finally:
+            remove_bus_entries(bus_name)
+
+
+# ----------------------------------------------------------------------------- storms
+
+
+def _subscriber_storm(name: str, iterations: int, seed: int) -> dict:
+    """Victims killed at random points of their reading while survivors read on."""
+    rng = random.Random(seed)
+    max_subs = 6
+    stats = {"kills": 0, "published": 0, "worst_publish": 0.0, "full_rejections": 0}
+    pipes: list[Pipe] = []
+    with Children() as kids:
+        try:
+            bus = Bus(name, slots=16, max_subscribers=max_subs)
+
+            def publish(n: int) -> None:
+                for _ in range(n):
+                    t0 = time.monotonic()
+                    bus.publish("e", {"v": bus.version + 1})
+                    dt = time.monotonic() - t0
+                    stats["worst_publish"] = max(stats["worst_publish"], dt)
+                    assert dt < PUBLISH_BOUND, f"publish took {dt:.3f}s"
+                stats["published"] += n
+
+            def start(mode: str, slots: int | None = None) -> tuple[int, Pipe, int]:
+                pipe = Pipe()
+                pipes.append(pipe)
+                pid = kids.fork(lambda: _reader(name, pipe, mode, slots))
+                assert "ready" in pipe.recv(), pid
+                return pid, pipe, bus.version
+
+            survivors = [start("fast"), start("slow", 4)]
+            for _ in range(iterations):
+                victims = [start(rng.choice(["fast", "slow"]), rng.choice([None, 2]))
+                           for _ in range(rng.randint(1, max_subs - len(survivors)))]
+                assert bus.subscriber_count == len(survivors) + len(victims)
+                if len(survivors) + len(victims) == max_subs:
+                    with pytest.raises(TooManySubscribersError):
+                        subscribe(name)
+                    stats["full_rejections"] += 1
+                for pid, _, _ in victims:
+                    publish(rng.randint(0, 40))  # the victim is busy reading these
+                    assert kids.kill(pid) == KILLED
+                    stats["kills"] += 1
+                # Dead places are free at once, and are not counted.
+                assert bus.subscriber_count == len(survivors)
+                publish(rng.randint(0, 5))
+                assert bus.subscriber_count == len(survivors)
+                # Bounded /dev/shm: at most one ring (segment + semaphore) per place.
+                assert len(bus_entries(name)) <= 1 + 2 * max_subs
+            publish(10)
+            final = bus.version
+            bus.close()
+            for pid, pipe, v0 in survivors:
+                report = pipe.recv(30)
+                assert "bad" not in report, report
+                assert report["reason"] == StreamClosed.BUS_CLOSED
+                assert report["n"] + report["dropped"] == final - v0, report
+                assert report["last"] == final or report["dropped"] > 0, report
+                assert kids.reap(pid) == 0
+            assert bus_entries(name) == []
+            # And the name is free for a new bus.
+            with Bus(name) as again, subscribe(name) as sub:
+                assert again.publish("e", {"v": 1}) == 1
+                assert sub.get(timeout=5).payload == {"v": 1}
+            assert bus_entries(name) == []
+        finally:
+            for pipe in pipes:
+                pipe.close()
+            remove_bus_entries(name)
+    return stats
+
+
+def _publisher_loop(name: str, pipe: Pipe) -> int:
+    """Child: create the bus and publish as fast as possible until killed."""
+    bus = Bus(name, slots=8)
+    pipe.send({"bus": os.getpid()})
+    v = 0
+    while True:
+        v = bus.publish("e", {"v": v + 1})
+        if v % 64 == 0 and bus.subscriber_count == 0:
+            time.sleep(0.0005)  # nobody to publish to yet
+
+
+def _publisher_storm(name: str, iterations: int, seed: int) -> dict:
+    """Publishers killed at random points of publishing (or of closing, or of creating)."""
+    rng = random.Random(seed)
+    stats = {"kills": 0, "events": 0, "worst_end": 0.0, "ended_by": {}}
+    with Children() as kids:
+        for i in range(iterations):
+            pipe = Pipe()
+            subs: list[Any] = []
+            try:
+                pid = kids.fork(lambda p=pipe: _publisher_loop(name, p))
+                if rng.random() < 0.1:
+                    time.sleep(rng.uniform(0, 0.002))  # kill while it may still be creating
+                else:
+                    pipe.recv()
+                    subs = [subscribe(name, slots=rng.choice([None, 1, 4]))
+                            for _ in range(rng.randint(1, 3))]
+                    # Read a random number of events, then kill mid-publish.
+                    for _ in range(rng.randint(0, 30)):
+                        subs[0].get(timeout=5)
+                assert kids.kill(pid) == KILLED
+                stats["kills"] += 1
+                t0 = time.monotonic()
+                for sub in subs:
+                    got, end = _read_to_end(sub)
+                    last = 0
+                    for ev in got:
+                        bad = _check(ev, last)
+                        assert bad is None, bad
+                        last = ev.version
+                    n = len(got)
+                    reason = end.reason
+                    stats["ended_by"][reason] = stats["ended_by"].get(reason, 0) + 1
+                    assert reason == StreamClosed.PUBLISHER_DIED
+                    stats["events"] += n
+                stats["worst_end"] = max(stats["worst_end"], time.monotonic() - t0)
+                assert time.monotonic() - t0 < 2.5 * max(1, len(subs))
+                # A new bus of the same name, with the old subscriptions still around.
+                if i % 4 == 0 and subs:
+                    with Bus(name) as bus, subscribe(name) as sub:
+                        for old in subs:
+                            old.unsubscribe()
+                        assert bus.subscriber_count == 1
+                        assert bus.publish("e", {"v": 1}) == 1
+                        assert sub.get(timeout=5).payload == {"v": 1}
+                if not subs:  # nobody to reclaim the dead bus but the next Bus of its name
+                    Bus(name).close()
+                # Reclaimed by its subscribers' ending (or by that Bus): nothing left.
+                left = bus_entries(name)
+                assert left == [], f"iteration {i}: left {left}"
+            finally:
+                for sub in subs:
+                    sub.unsubscribe()
+                pipe.close()
+                remove_bus_entries(name)
+    return stats
+
+
+def test_subscriber_kill_storm(bus_name):
+    t0 = time.monotonic()
+    stats = _subscriber_storm(bus_name, STORM_SHORT, seed=1)
+    assert stats["kills"] >= STORM_SHORT
+    assert time.monotonic() - t0 < 30, stats
+
+
+def test_publisher_kill_storm(bus_name):
+    t0 = time.monotonic()
+    stats = _publisher_storm(bus_name, PUB_STORM_SHORT, seed=2)
+    assert stats["kills"] == PUB_STORM_SHORT
+    assert time.monotonic() - t0 < 30, stats
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("seed", [11, 12])
+def test_subscriber_kill_storm_long(bus_name, seed):
+    stats = _subscriber_storm(bus_name, STORM_LONG, seed=seed)
+    print(stats)
+    assert stats["kills"] >= STORM_LONG
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("seed", [21, 22])
+def test_publisher_kill_storm_long(bus_name, seed):
+    stats = _publisher_storm(bus_name, STORM_LONG, seed=seed)
+    print(stats)
+    assert stats["kills"] == STORM_LONG
