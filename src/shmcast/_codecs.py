@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from ._errors import ShmcastError
@@ -21,8 +23,41 @@ class Codec(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
+# A run of 19 digits may be an integer beyond 64 bits, which orjson reads as a
+# float (or refuses): such documents go to the standard decoder.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _fast_loads() -> Callable[[bytes], Any]:
+    """json.loads, through orjson when it is installed and gives the same result."""
+    try:
+        import orjson
+    except ImportError:
+        return json.loads
+    fast = orjson.loads
+    fast_error = orjson.JSONDecodeError
+    slow = json.loads
+    long_digits = _LONG_DIGITS.search
+
+    def loads(data: bytes) -> Any:
+        if long_digits(data) is None:
+            try:
+                return fast(data)
+            except fast_error:
+                pass  # NaN, Infinity, lone surrogates, huge exponents: the stdlib reads them
+        return slow(data)
+
+    return loads
+
+
 class JsonCodec:
-    """Compact UTF-8 JSON, ready for an SSE ``data:`` line as it is."""
+    """Compact UTF-8 JSON, ready for an SSE ``data:`` line as it is.
+
+    Encoding is the standard library's, so what encodes (and what raises
+    ``TypeError``) never depends on what else is installed. Decoding goes through
+    orjson when it is installed (the ``fast`` extra), about seven times faster,
+    falling back to the standard library wherever their results could differ.
+    """
 
     name = "json"
 
@@ -30,7 +65,7 @@ class JsonCodec:
         encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
         encode = encoder.encode
         self.dumps = lambda obj: encode(obj).encode()
-        self.loads = json.loads
+        self.loads = _fast_loads()
 
 
 class PickleCodec:
@@ -63,7 +98,7 @@ class RawCodec:
         return data
 
 
-BUILTIN: dict[str, Codec] = {c.name: c for c in (JsonCodec(), PickleCodec(), RawCodec())}  # type: ignore[misc]
+BUILTIN: dict[str, Codec] = {c.name: c for c in (JsonCodec(), PickleCodec(), RawCodec())}
 
 
 def resolve(codec: object) -> Codec:

@@ -336,11 +336,17 @@ class Subscription:
                     self._finalizer()
 
     def __iter__(self) -> Iterator[Event]:
+        lock = self._lock
+        next_ready = self._next
         while True:
             try:
-                yield self.get()
+                with lock:
+                    event = next_ready()
+                if event is None:
+                    event = self.get()
             except StreamClosed:
                 return
+            yield event
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self

@@ -170,3 +170,21 @@ def test_fast_event_constructor_matches_the_dataclass() -> None:
     assert dataclasses.asdict(fast)["payload"] == {"a": 1}
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.version = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [b'{"a":[1,2.5,"\\u00e9",null,true]}', b"NaN", b"[Infinity]", b"123456789012345678901234567890",
+     b'{"a":1e400}', b'"\\ud800"', b"-0.0", b"[1.0000000000000002]", b'{"a":1,"a":2}'],
+)
+def test_json_decoding_matches_the_standard_library(doc: bytes) -> None:
+    import json
+    import math
+
+    got = BUILTIN["json"].loads(doc)
+    want = json.loads(doc)
+    assert type(got) is type(want)
+    if isinstance(want, float) and math.isnan(want):
+        assert math.isnan(got)
+    else:
+        assert repr(got) == repr(want)
