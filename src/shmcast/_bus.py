@@ -8,6 +8,7 @@ import secrets
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -51,6 +52,9 @@ from ._names import (
 )
 from ._ring import RingWriter, frame
 
+_EPOCH = EPOCH_OFF // 8
+_VERSION = VERSION_OFF // 8
+
 # Deaths change no byte of the registry, so the publisher also re-reads it this
 # often; the contract allows a dead subscriber to be counted for up to 1 s.
 LIVENESS_PERIOD = 0.25
@@ -79,6 +83,8 @@ class _Publisher:
         self.forked = False  # set in the child of a fork(): the bus is the parent's
         self.lock = threading.Lock()
         self.rings: dict[int, _Ring] = {}
+        self.writes: list[Callable[[bytes, bytes], bool]] = []
+        self.sems: list[posix_ipc.Semaphore] = []
         self.bad: dict[int, int] = {}  # place -> ring id not to adopt (unopenable, or dead)
         self.version = 0
         self.retired = 0
@@ -93,6 +99,7 @@ class _Publisher:
             max_subscribers=max_subscribers, overflow=overflow, mode=mode,
             created=time.time(), codec=codec.name,
         )
+        self.ctrl_q = self.ctrl.buf.cast("Q")
         _ipc.track_fork(self)
 
     def after_fork_in_child(self) -> None:
@@ -111,21 +118,17 @@ class _Publisher:
         with self.lock:
             if self.closed or self.forked:
                 self._raise_unusable()
-            buf = self.ctrl.buf
-            if U64.unpack_from(buf, EPOCH_OFF)[0] != self.epoch_seen or \
-                    time.monotonic() >= self.next_scan:
+            ctrl = self.ctrl_q
+            if ctrl[_EPOCH] != self.epoch_seen or time.monotonic() >= self.next_scan:
                 self._scan()
             version = self.version + 1
             head, tail = frame(version, time.time(), tb, data)
-            rings = self.rings.values()
-            for ring in rings:
-                ring.writer.write(head, tail)
-            for ring in rings:
-                sem = ring.sem
+            for write in self.writes:
+                write(head, tail)
+            for sem in self.sems:
                 if sem.value == 0:  # see _ipc.wake
                     sem.release()
-            self.version = version
-            U64.pack_into(buf, VERSION_OFF, version)
+            self.version = ctrl[_VERSION] = version
         return version
 
     def _type_bytes(self, type_: str) -> bytes:
@@ -149,7 +152,7 @@ class _Publisher:
     def _scan(self) -> None:
         """Adopt new rings, retire departed and dead ones (called with the lock held)."""
         ctrl = self.ctrl
-        self.epoch_seen = U64.unpack_from(ctrl.buf, EPOCH_OFF)[0]
+        self.epoch_seen = self.ctrl_q[_EPOCH]
         self.next_scan = time.monotonic() + LIVENESS_PERIOD
         for index in range(self.max_subscribers):
             entry = read_entry(ctrl.buf, index)
@@ -193,9 +196,16 @@ class _Publisher:
             self.bad[index] = ring_id
             return
         self.rings[index] = _Ring(index, ring_id, segment, sem, writer)
+        self._hot()
+
+    def _hot(self) -> None:
+        """Rebuild the lists publish() walks, so it does no attribute lookups per ring."""
+        self.writes = [ring.writer.write for ring in self.rings.values()]
+        self.sems = [ring.sem for ring in self.rings.values()]
 
     def _retire(self, ring: _Ring) -> None:
         del self.rings[ring.index]
+        self._hot()
         self.retired += ring.writer.drops()
         U64.pack_into(self.ctrl.buf, RETIRED_OFF, self.retired)
         _registry.unlink_ring(self.name, self.nonce, ring.ring_id)
@@ -206,7 +216,7 @@ class _Publisher:
     def dropped(self) -> int:
         with self.lock:
             if not self.closed and not self.forked and \
-                    U64.unpack_from(self.ctrl.buf, EPOCH_OFF)[0] != self.epoch_seen:
+                    self.ctrl_q[_EPOCH] != self.epoch_seen:
                 self._scan()
             return self.retired + sum(ring.writer.drops() for ring in self.rings.values())
 
@@ -246,6 +256,7 @@ class _Publisher:
             finally:
                 if locked:
                     _ipc.unlock(ctrl.fd, _ipc.REGISTRY_LOCK)
+                self.ctrl_q.release()
                 ctrl.close()
 
 
