@@ -1,0 +1,223 @@
+"""gunicorn configuration: the master process owns the shmcast bus.
+
+Run from this directory:
+
+    SHMCAST_BUS=sse-demo gunicorn -c gunicorn.conf.py
+
+* ``when_ready`` (master, once the listeners are bound, before the first
+  worker is forked) creates the bus and starts a background thread that
+  publishes ``members`` (the topology snapshot) and ``heartbeat`` events.
+* ``on_exit`` (master, after every worker has stopped) stops the thread and
+  closes the bus, which removes everything it created in /dev/shm.
+* ``post_worker_init`` (each worker) tells the app when the worker starts to
+  shut down (SIGTERM, SIGHUP reload, ``max_requests`` recycling) so that open
+  SSE streams end at once instead of holding the worker for
+  ``graceful_timeout``.
+
+Everything the hooks share lives on the arbiter object (``server``), not in
+this module: a SIGHUP reload executes this file again as a new module, and the
+new ``on_exit`` must still find the bus created by the first ``when_ready``.
+
+Settings read from the environment (gunicorn's own settings, ``-b``, ``-w``,
+``--threads``, ``--max-requests``... can be given on the command line as usual):
+
+    SHMCAST_BUS              bus name (letters, digits, _ and -)   sse-demo
+    SHMCAST_HEARTBEAT        seconds between heartbeat events      1.0
+    SHMCAST_CHURN            seconds between simulated node changes 2.0 (0: off)
+    SHMCAST_KEYFRAME         republish the snapshot at least every 5.0 seconds
+    SHMCAST_PAD              bytes of padding added to each snapshot 0
+    SHMCAST_MAX_SUBSCRIBERS  streams open at once, all workers     64
+    SHMCAST_KEEPALIVE        idle seconds before a worker writes an SSE comment
+                             (read by the app)                     15
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+
+from shmcast import Bus
+
+# --- gunicorn settings --------------------------------------------------------
+wsgi_app = "app:app"
+bind = ["127.0.0.1:8000"]
+worker_class = "gthread"
+workers = 2
+threads = 16  # each open SSE stream holds one thread
+timeout = 30
+graceful_timeout = 10
+keepalive = 5
+
+# --- shmcast settings -----------------------------------------------------------
+BUS_NAME = os.environ.get("SHMCAST_BUS", "sse-demo")
+HEARTBEAT = float(os.environ.get("SHMCAST_HEARTBEAT", "1.0"))
+CHURN = float(os.environ.get("SHMCAST_CHURN", "2.0"))
+KEYFRAME = float(os.environ.get("SHMCAST_KEYFRAME", "5.0"))
+PAD = int(os.environ.get("SHMCAST_PAD", "0"))
+MAX_SUBSCRIBERS = int(os.environ.get("SHMCAST_MAX_SUBSCRIBERS", "64"))
+# A repair (republishing the snapshot because a subscriber joined or lost
+# events) happens at most this often.
+REPAIR_MIN_INTERVAL = 0.2
+POLL = 0.05
+
+
+class TopologyPublisher:
+    """Publishes the topology from a thread of the gunicorn master.
+
+    ``members`` payloads are always the *complete* snapshot, never a delta, so
+    any one members event brings a subscriber up to date. The workers cannot
+    ask the master for a snapshot, so the master republishes it:
+
+    * when the topology changes (a worker forked or died, a simulated node
+      changed state);
+    * when ``bus.subscriber_count`` grew: a new SSE stream (or a new worker)
+      gets a snapshot within ~POLL seconds of subscribing;
+    * when ``bus.dropped`` grew: a subscriber lost events, its stream waits
+      for the next snapshot to heal the gap;
+    * at least every KEYFRAME seconds, as a backstop.
+    """
+
+    def __init__(self, server, bus: Bus) -> None:
+        self.server = server
+        self.bus = bus
+        self.generation = 0
+        self._rng = random.Random(os.getpid())
+        self._nodes = {f"node-{c}": "up" for c in "abcde"}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shmcast-publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    # -- topology -------------------------------------------------------------
+    def _workers(self) -> list[dict]:
+        for _ in range(10):
+            try:
+                items = list(self.server.WORKERS.items())  # mutated by the arbiter's thread
+                break
+            except RuntimeError:  # dict changed size during iteration
+                time.sleep(0.001)
+        else:
+            items = []
+        return [{"pid": pid, "age": w.age} for pid, w in sorted(items)]
+
+    def _churn(self) -> None:
+        name = self._rng.choice(sorted(self._nodes))
+        choices = [s for s in ("up", "degraded", "down") if s != self._nodes[name]]
+        self._nodes[name] = self._rng.choice(choices)
+
+    def _topology(self) -> dict:
+        return {"master": os.getpid(), "workers": self._workers(), "nodes": dict(self._nodes)}
+
+    # -- loop -----------------------------------------------------------------
+    def _publish_members(self, topology: dict, reason: str) -> None:
+        payload = {"generation": self.generation, "reason": reason, **topology}
+        if PAD:
+            payload["pad"] = "x" * PAD
+        self.bus.publish("members", payload)
+
+    def _run(self) -> None:
+        now = time.monotonic()
+        next_heartbeat = now
+        next_churn = now + CHURN if CHURN > 0 else float("inf")
+        last_members = float("-inf")
+        last_topology: dict | None = None
+        seen_subscribers = 0
+        seen_dropped = 0
+        while not self._stop.is_set():
+            try:
+                now = time.monotonic()
+                if now >= next_churn:
+                    self._churn()
+                    next_churn = now + CHURN
+                topology = self._topology()
+                subscribers = self.bus.subscriber_count
+                dropped = self.bus.dropped
+                reason = None
+                if topology != last_topology:
+                    self.generation += 1
+                    reason = "change"
+                elif now - last_members >= REPAIR_MIN_INTERVAL and (
+                    subscribers > seen_subscribers or dropped > seen_dropped
+                ):
+                    reason = "repair"
+                elif now - last_members >= KEYFRAME:
+                    reason = "keyframe"
+                if reason is not None:
+                    self._publish_members(topology, reason)
+                    last_topology, last_members = topology, now
+                    seen_dropped = dropped
+                # Follow decreases at once (a stream closed), increases only
+                # once a snapshot went out for them.
+                if reason is not None or subscribers < seen_subscribers:
+                    seen_subscribers = subscribers
+                if now >= next_heartbeat:
+                    self.bus.publish(
+                        "heartbeat",
+                        {
+                            "ts": time.time(),
+                            "master": os.getpid(),
+                            "subscribers": subscribers,
+                            "dropped": dropped,
+                        },
+                    )
+                    next_heartbeat = max(next_heartbeat + HEARTBEAT, now)
+            except Exception:  # keep publishing whatever happens
+                self.server.log.exception("shmcast publisher error")
+                self._stop.wait(1.0)
+            wait = min(POLL, next_heartbeat - time.monotonic())
+            self._stop.wait(max(wait, 0.0))
+
+
+# --- hooks -------------------------------------------------------------------
+def when_ready(server):
+    if getattr(server, "shmcast_publisher", None) is not None:
+        return  # already running (when_ready runs once, but be safe)
+    bus = Bus(
+        BUS_NAME,
+        slots=64,  # events each stream may fall behind before it loses some
+        slot_size=max(16384, PAD + 8192),  # the largest event
+        max_subscribers=MAX_SUBSCRIBERS,  # past it, /events answers 503
+    )
+    publisher = TopologyPublisher(server, bus)
+    server.shmcast_bus = bus
+    server.shmcast_publisher = publisher
+    publisher.start()
+    server.log.info("shmcast bus %r ready", BUS_NAME)
+
+
+def on_exit(server):
+    publisher = getattr(server, "shmcast_publisher", None)
+    if publisher is not None:
+        publisher.stop()
+        server.shmcast_publisher = None
+    bus = getattr(server, "shmcast_bus", None)
+    if bus is not None:
+        bus.close()
+        server.shmcast_bus = None
+        server.log.info("shmcast bus %r closed", BUS_NAME)
+
+
+def post_worker_init(worker):
+    import app as app_module  # the module wsgi_app names, already imported
+
+    def watch() -> None:
+        # worker.alive turns False on SIGTERM, SIGHUP reload (the master
+        # SIGTERMs old workers), max_requests and a vanished master.
+        while worker.alive:
+            time.sleep(0.1)
+        app_module.drain()
+
+    threading.Thread(target=watch, name="shmcast-drain-watch", daemon=True).start()
+
+
+def worker_int(worker):  # SIGINT / SIGQUIT: quick exit
+    import app as app_module
+
+    app_module.drain()

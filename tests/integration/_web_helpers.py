@@ -1,0 +1,642 @@
+"""Helpers for the real-gunicorn tests of examples/gunicorn_sse and examples/asgi_sse.
+
+Every process here is started by the test and stopped by its pid (SIGTERM,
+then SIGKILL of its process group on timeout). Every wait has a deadline.
+Only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+SHM = Path("/dev/shm")
+
+
+def require(*modules: str) -> None:
+    for module in modules:
+        pytest.importorskip(module)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def bus_entries(bus: str) -> list[str]:
+    """Everything of bus `bus` in /dev/shm (segments and semaphores)."""
+    out = []
+    for entry in os.listdir(SHM):
+        name = entry.removeprefix("sem.")
+        if name == f"shmcast.{bus}" or name.startswith(f"shmcast.{bus}."):
+            out.append(entry)
+    return sorted(out)
+
+
+def children_of(pid: int) -> set[int]:
+    """Live (non-zombie) direct children of `pid`, from /proc."""
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            kids.add(int(entry))
+    return kids
+
+
+# --- gunicorn ------------------------------------------------------------------
+class Gunicorn:
+    """One gunicorn master started from an example directory."""
+
+    def __init__(
+        self,
+        example: str,
+        bus: str,
+        tmp_path: Path,
+        *,
+        args: Iterable[str] = (),
+        env: dict[str, str] | None = None,
+        workers: int = 2,
+        sndbuf: int | None = None,
+    ) -> None:
+        self.example_dir = EXAMPLES / example
+        self.bus = bus
+        self.workers = workers
+        self.log_path = tmp_path / f"gunicorn-{example}.log"
+        runtime = tmp_path / "run"  # gunicorn>=24 puts its control socket there
+        runtime.mkdir(exist_ok=True)
+        self.env = {
+            **os.environ,
+            "SHMCAST_BUS": bus,
+            "SHMCAST_HEARTBEAT": "0.1",
+            "SHMCAST_CHURN": "0.5",
+            "SHMCAST_KEYFRAME": "1.0",
+            "SHMCAST_KEEPALIVE": "1.0",
+            "XDG_RUNTIME_DIR": str(runtime),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.listener: socket.socket | None = None
+        bind = "127.0.0.1:0"  # gunicorn picks a free port and logs it
+        if sndbuf is not None:
+            # A listening socket of our own, handed over as fd://N: the
+            # connections gunicorn accepts on it inherit its small send
+            # buffer, so a client that stops reading blocks the server soon.
+            self.listener = socket.socket()
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            self.listener.bind(("127.0.0.1", 0))
+            self.listener.listen(64)
+            self.listener.set_inheritable(True)
+            bind = f"fd://{self.listener.fileno()}"
+        self.args = [
+            sys.executable, "-m", "gunicorn",
+            "-c", "gunicorn.conf.py",
+            "--chdir", str(self.example_dir),
+            "-b", bind,
+            "-w", str(workers),
+            "--graceful-timeout", "5",
+            *args,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> Gunicorn:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self, timeout: float = 20.0) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.args,
+                cwd=self.example_dir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, for the SIGKILL fallback
+                pass_fds=(self.listener.fileno(),) if self.listener else (),
+            )
+        if self.listener is not None:
+            self.listener.close()  # gunicorn has its own copy
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gunicorn exited early:\n{self.log()}")
+            m = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", self.log())
+            return m and m.group(1)
+
+        try:
+            self.url = wait_until(listening, timeout, "gunicorn to listen")
+            self.wait_workers(self.workers, timeout)
+        except BaseException:
+            with contextlib.suppress(AssertionError):
+                self.stop()
+            raise
+
+    def worker_pids(self) -> set[int]:
+        return children_of(self.pid)
+
+    def wait_workers(self, n: int, timeout: float = 15.0, exclude: Iterable[int] = ()):
+        """Wait until `n` workers, none in `exclude`, have booted and /healthz answers."""
+        import httpx
+
+        exclude = set(exclude)
+
+        def ready():
+            pids = self.worker_pids()
+            if len(pids) != n or pids & exclude:
+                return None
+            log = self.log()
+            if not all(f"Booting worker with pid: {pid}" in log for pid in pids):
+                return None
+            try:
+                httpx.get(self.url + "/healthz", timeout=2.0).raise_for_status()
+            except httpx.HTTPError:
+                return None
+            return pids
+
+        return wait_until(ready, timeout, f"{n} gunicorn workers to boot", interval=0.1)
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> float:
+        """Signal the master (SIGTERM: graceful stop, SIGINT: Ctrl-C); SIGKILL
+        its group on timeout. Returns the seconds it took."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 0.0
+        start = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            self.reclaim_bus()
+            raise AssertionError(
+                f"gunicorn ignored {signal.Signals(sig).name} for {timeout}s:\n{self.log()}"
+            ) from None
+        return time.monotonic() - start
+
+    def reclaim_bus(self) -> None:
+        """After a SIGKILLed master: remove the bus it left, through shmcast."""
+        from shmcast import Bus
+
+        # workers notice the dead master within ~1 s and exit
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not children_of(self.pid), 5, "orphaned workers")
+        with contextlib.suppress(Exception):
+            Bus(self.bus).close()  # a stale bus of a dead publisher is reclaimed
+
+
+# --- SSE clients --------------------------------------------------------------
+@dataclass
+class SSEEvent:
+    id: int
+    type: str
+    data: str
+    conn: int  # which connection of the client delivered it
+    t: float = field(default_factory=time.monotonic)
+
+    def json(self):
+        return json.loads(self.data)
+
+
+class SSEParser:
+    def __init__(self) -> None:
+        self.id = self.type = None
+        self.data: list[str] = []
+
+    def feed(self, line: str, conn: int, on_event, on_comment) -> None:
+        if line == "":
+            if self.data or self.type:
+                on_event(SSEEvent(int(self.id), self.type or "message", "\n".join(self.data), conn))
+            self.id = self.type = None
+            self.data = []
+        elif line.startswith(":"):
+            on_comment(line[1:].strip())
+        else:
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if key == "id":
+                self.id = value
+            elif key == "event":
+                self.type = value
+            elif key == "data":
+                self.data.append(value)
+
+
+class SSEClient(threading.Thread):
+    """An httpx client reading /events in a thread, reconnecting when a stream ends."""
+
+    def __init__(self, url: str, *, reconnect: bool = True, max_seconds: float = 60.0) -> None:
+        super().__init__(daemon=True, name=f"sse-client-{url}")
+        self.url = url + "/events"
+        self.reconnect = reconnect
+        self.deadline = time.monotonic() + max_seconds
+        self.events: list[SSEEvent] = []
+        self.comments: list[tuple[int, str]] = []
+        self.ends: list[tuple[int, str]] = []  # (conn, how the stream ended)
+        self.conns = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        timeout = httpx.Timeout(5.0, read=3.0)
+        with httpx.Client(timeout=timeout) as client:
+            while not self._halt.is_set() and time.monotonic() < self.deadline:
+                conn = self.conns
+                self.conns += 1
+                parser = SSEParser()
+                try:
+                    with client.stream("GET", self.url) as response:
+                        if response.status_code != 200:
+                            self.ends.append((conn, f"status {response.status_code}"))
+                            time.sleep(0.1)
+                            continue
+                        for line in response.iter_lines():
+                            parser.feed(
+                                line,
+                                conn,
+                                self.events.append,
+                                lambda c, conn=conn: self.comments.append((conn, c)),
+                            )
+                            if self._halt.is_set():
+                                break
+                        else:
+                            self.ends.append((conn, "closed"))
+                except httpx.HTTPError as exc:
+                    self.ends.append((conn, f"error {type(exc).__name__}: {exc}"))
+                if not self.reconnect:
+                    break
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+        assert not self.is_alive(), "SSE client thread did not stop"
+
+    def wait_events(self, n: int, timeout: float, where=lambda e: True) -> list[SSEEvent]:
+        return wait_until(
+            lambda: len([e for e in list(self.events) if where(e)]) >= n and self.events,
+            timeout,
+            f"{n} events at {self.url}",
+        )
+
+    def by_conn(self) -> dict[int, list[SSEEvent]]:
+        out: dict[int, list[SSEEvent]] = {}
+        for e in list(self.events):
+            out.setdefault(e.conn, []).append(e)
+        return out
+
+
+def check_stream(events: list[SSEEvent], *, allow_gaps: bool) -> int:
+    """The stream rules of the examples; returns the number of holes.
+
+    Ids strictly increase; the first event is a members snapshot; every hole in
+    the ids is immediately followed by a members snapshot.
+    """
+    assert events, "no events"
+    assert events[0].type == "members", f"first event is {events[0].type}, not a snapshot"
+    holes = 0
+    for prev, cur in itertools.pairwise(events):
+        assert cur.id > prev.id, f"ids not increasing: {prev.id} then {cur.id}"
+        if cur.id != prev.id + 1:
+            holes += 1
+            assert allow_gaps, f"hole {prev.id} -> {cur.id} in a stream that should have none"
+            assert cur.type == "members", f"hole {prev.id} -> {cur.id} not healed by a snapshot"
+    return holes
+
+
+class StalledClient:
+    """A raw socket that asks for /events and then does not read, until resume()."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(5)
+        self.sock.connect((host, int(port)))
+        self.sock.sendall(f"GET /events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        self.events: list[SSEEvent] = []
+        self.comments: list[str] = []
+
+    def read_for(self, seconds: float) -> None:
+        """Read (and parse) whatever arrives for `seconds`."""
+        deadline = time.monotonic() + seconds
+        buf = b""
+        self.sock.settimeout(0.2)
+        while time.monotonic() < deadline:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            buf += chunk
+        self._parse(buf)
+
+    def _parse(self, raw: bytes) -> None:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        assert b"chunked" in head.lower(), head
+        text = b""
+        while body:  # de-chunk; a trailing partial chunk is cut off
+            size_line, sep, rest = body.partition(b"\r\n")
+            if not sep:
+                break
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0 or len(rest) < size + 2:
+                text += rest[:size] if size else b""
+                break
+            text += rest[:size]
+            body = rest[size + 2 :]
+        parser = SSEParser()
+        complete, _, _ = text.decode("utf-8", "replace").rpartition("\n\n")
+        for line in (complete + "\n\n").split("\n"):
+            parser.feed(line, 0, self.events.append, self.comments.append)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# --- scenarios, run for each example ------------------------------------------
+def members_workers(event: SSEEvent) -> set[int]:
+    return {w["pid"] for w in event.json()["workers"]}
+
+
+def heartbeat_gaps(events: list[SSEEvent], start: float, end: float) -> tuple[float, float, int]:
+    """(largest arrival gap, largest publish-time gap, count) of heartbeats in [start, end]."""
+    beats = [e for e in events if e.type == "heartbeat" and start <= e.t <= end]
+    assert len(beats) >= 2, f"only {len(beats)} heartbeats between {start} and {end}"
+    arrival = max(b.t - a.t for a, b in itertools.pairwise(beats))
+    ts = [e.json()["ts"] for e in beats]
+    published = max(b - a for a, b in itertools.pairwise(ts))
+    return arrival, published, len(beats)
+
+
+def scenario_fanout_and_stalled_client(example: str, bus: str, tmp_path: Path) -> None:
+    """Four clients read every event in version order while a fifth stops
+    reading: the others and the heartbeat are not slowed, and the stalled one,
+    once it reads again, sees a hole healed by a snapshot."""
+    stall = 2.5
+    env = {"SHMCAST_HEARTBEAT": "0.02", "SHMCAST_CHURN": "0.25", "SHMCAST_PAD": "16000"}
+    with Gunicorn(example, bus, tmp_path, env=env, sndbuf=16384) as server:
+        clients = [SSEClient(server.url, reconnect=False) for _ in range(4)]
+        stalled = None
+        try:
+            for client in clients:
+                client.start()
+            stalled = StalledClient(server.url)
+            for client in clients:
+                client.wait_events(10, timeout=10)
+            t0 = time.monotonic()
+            time.sleep(stall)
+            t1 = time.monotonic()
+            stalled.read_for(1.5)  # reads again: old bytes, then the healed stream
+        finally:
+            for client in clients:
+                client.stop()
+            if stalled is not None:
+                stalled.close()
+        assert server.stop() < 4.0, "SIGTERM took too long"
+    assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
+
+    # Every reading client: one connection, a snapshot first, then every
+    # event in version order. A client starved of CPU for longer than its ring
+    # lasts (a loaded CI machine) may lose events, but then it is told so and
+    # the hole is healed by a snapshot; on an idle machine there are none.
+    for client in clients:
+        assert client.conns == 1, client.ends
+        holes = check_stream(client.events, allow_gaps=True)
+        dropped = [c for _, c in client.comments if c.startswith("dropped")]
+        assert holes <= len(dropped), (holes, dropped)
+        assert holes <= 2, (holes, dropped)
+    # ...the same events, byte for byte, over the range they all saw.
+    lo = max(c.events[1].id for c in clients)
+    hi = min(c.events[-1].id for c in clients)
+    assert hi - lo > 50, (lo, hi)
+    by_id: dict[int, tuple[str, str]] = {}
+    for client in clients:
+        for e in client.events:
+            if lo <= e.id <= hi:
+                assert by_id.setdefault(e.id, (e.type, e.data)) == (e.type, e.data)
+    assert sorted(by_id) == list(range(lo, hi + 1))  # together they saw every version
+    # The stalled client slowed neither the publisher nor the other clients: a
+    # blocked publisher or a blocked fan-out would stop the heartbeat for the
+    # whole stall; CPU contention alone stays far below that.
+    for client in clients:
+        arrival, published, count = heartbeat_gaps(client.events, t0, t1)
+        assert count >= stall / 0.02 * 0.3, count
+        assert published < stall * 0.6, f"publisher stalled {published:.2f}s"
+        assert arrival < stall * 0.6, f"heartbeats reached a client {arrival:.2f}s apart"
+    # The stalled client lost events, was told so, and got a snapshot after the hole.
+    assert any(c.startswith("dropped") for c in stalled.comments), stalled.comments
+    assert check_stream(stalled.events, allow_gaps=True) >= 1
+    last_beat = [e for e in clients[0].events if e.type == "heartbeat"][-1].json()
+    assert last_beat["dropped"] > 0  # bus.dropped, as the master saw it
+
+
+def _check_clients_across_restarts(clients: list[SSEClient], master: int) -> None:
+    for client in clients:
+        conns = client.by_conn()
+        previous_last = 0
+        for conn, events in sorted(conns.items()):
+            check_stream(events, allow_gaps=False)
+            # one bus all along: versions never start over
+            assert events[0].id > previous_last, (conn, events[0].id, previous_last)
+            previous_last = events[-1].id
+        for e in client.events:
+            if e.type in ("members", "heartbeat"):
+                assert e.json()["master"] == master
+
+
+def _wait_snapshot_with(client: SSEClient, pids: set[int], timeout: float) -> None:
+    wait_until(
+        lambda: any(
+            e.type == "members" and members_workers(e) == pids for e in list(client.events)
+        ),
+        timeout,
+        f"a snapshot listing workers {sorted(pids)}",
+    )
+
+
+def scenario_worker_killed_and_reload(example: str, bus: str, tmp_path: Path) -> None:
+    """The bus survives a worker SIGKILLed (gunicorn respawns it) and a SIGHUP
+    reload; clients reconnect and see the new workers in the snapshot."""
+    with Gunicorn(example, bus, tmp_path) as server:
+        clients = [SSEClient(server.url) for _ in range(3)]
+        try:
+            for client in clients:
+                client.start()
+            for client in clients:
+                client.wait_events(5, timeout=10)
+            first = server.worker_pids()
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            respawned = server.wait_workers(2, timeout=10, exclude={victim})
+            for client in clients:
+                _wait_snapshot_with(client, respawned, timeout=10)
+            # the dead worker's subscriptions are gone from the bus (3 streams remain)
+            wait_until(
+                lambda: any(
+                    e.type == "heartbeat"
+                    and e.json()["subscribers"] == 3
+                    and e.id > max(c.events[-1].id for c in clients) - 5
+                    for e in list(clients[0].events)[-5:]
+                ),
+                10,
+                "subscriber_count back to 3",
+            )
+            mark = max(c.events[-1].id for c in clients)
+
+            server.send_signal(signal.SIGHUP)
+            # new workers up and the old ones gone well within graceful_timeout
+            # (5 s): their streams ended at once, they did not wait to be killed
+            reloaded = server.wait_workers(2, timeout=4.5, exclude=respawned)
+            for client in clients:
+                _wait_snapshot_with(client, reloaded, timeout=10)
+                client.wait_events(5, timeout=10, where=lambda e, m=mark: e.id > m + 20)
+        finally:
+            for client in clients:
+                client.stop()
+        assert server.stop() < 4.0, "SIGTERM took too long"
+    assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
+    _check_clients_across_restarts(clients, server.pid)
+    for client in clients:
+        assert client.conns >= 2  # the reload ended every stream; each client came back
+        assert any(how == "closed" for _, how in client.ends), client.ends  # a clean end
+
+
+def check_endpoints(server: Gunicorn) -> None:
+    """/ serves the page, /healthz names the worker, /events is an event stream."""
+    import httpx
+
+    page = httpx.get(server.url + "/", timeout=5)
+    assert page.status_code == 200
+    assert "text/html" in page.headers["content-type"]
+    assert 'new EventSource("/events")' in page.text
+    health = httpx.get(server.url + "/healthz", timeout=5).json()
+    assert health["bus"] == server.bus
+    assert health["pid"] in server.worker_pids()
+    with httpx.stream("GET", server.url + "/events", timeout=5) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        lines = response.iter_lines()
+        assert next(lines) == "retry: 1000"
+
+
+def scenario_max_requests(
+    example: str, bus: str, tmp_path: Path, stop_signal: int = signal.SIGTERM
+) -> None:
+    """Workers recycled by max_requests: the bus and the clients carry on.
+    Then `stop_signal` (SIGINT: Ctrl-C) stops gunicorn quickly and cleanly."""
+    import httpx
+
+    args = ["--max-requests", "6", "--max-requests-jitter", "0"]
+    with Gunicorn(example, bus, tmp_path, args=args) as server:
+        clients = [SSEClient(server.url) for _ in range(2)]
+        try:
+            for client in clients:
+                client.start()
+            for client in clients:
+                client.wait_events(5, timeout=10)
+            first = server.worker_pids()
+            deadline = time.monotonic() + 15
+            while server.worker_pids() & first:  # until both first workers retired
+                assert time.monotonic() < deadline, "workers were not recycled"
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.get(server.url + "/healthz", timeout=2, headers={"Connection": "close"})
+                time.sleep(0.05)
+            now = server.wait_workers(2, timeout=10, exclude=first)
+            mark = max(c.events[-1].id for c in clients)
+            for client in clients:
+                client.wait_events(5, timeout=10, where=lambda e, m=mark: e.id > m)
+            for client in clients:
+                assert any(e.type == "members" and members_workers(e) & now for e in client.events)
+        finally:
+            for client in clients:
+                client.stop()
+        # On Ctrl-C the master asks its workers for a quick exit (SIGQUIT);
+        # either way they must not wait for graceful_timeout (5 s) and a SIGKILL
+        name = signal.Signals(stop_signal).name
+        assert server.stop(sig=stop_signal) < 4.0, f"{name} took too long"
+        assert "was sent SIGKILL" not in server.log()
+    assert bus_entries(bus) == [], f"bus left in /dev/shm after {name}"
+    _check_clients_across_restarts(clients, server.pid)
+
+
+def scenario_quiet_bus(example: str, bus: str, tmp_path: Path) -> None:
+    """The endpoints answer; a new stream gets a snapshot without waiting for a
+    change (the master republishes it when subscriber_count grows); an idle
+    stream gets keepalive comments."""
+    env = {
+        "SHMCAST_HEARTBEAT": "100",
+        "SHMCAST_CHURN": "0",
+        "SHMCAST_KEYFRAME": "100",
+        "SHMCAST_KEEPALIVE": "0.3",
+    }
+    with Gunicorn(example, bus, tmp_path, env=env) as server:
+        check_endpoints(server)
+        client = SSEClient(server.url, reconnect=False)
+        client.start()
+        try:
+            client.wait_events(1, timeout=5)
+            wait_until(
+                lambda: sum(c == "keepalive" for _, c in list(client.comments)) >= 3,
+                5,
+                "keepalive comments",
+            )
+        finally:
+            client.stop()
+        assert client.events[0].type == "members"
+        assert client.events[0].json()["reason"] == "repair"
+        assert client.comments[0] == (0, "waiting for a snapshot")
+        assert server.stop() < 4.0, "SIGTERM took too long"
+    assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"

@@ -1,0 +1,43 @@
+"""Real gunicorn running examples/asgi_sse (Starlette under gunicorn with uvicorn workers).
+
+Each test starts gunicorn on 127.0.0.1 (a free port), connects real HTTP
+clients, and stops gunicorn by its pid; see _web_helpers.py.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+try:
+    from . import _web_helpers as web
+except ImportError:  # tests/ is not a package
+    import _web_helpers as web
+
+EXAMPLE = "asgi_sse"
+
+
+@pytest.fixture(autouse=True)
+def _deps():
+    web.require("gunicorn", "starlette", "uvicorn", "uvicorn_worker", "httpx")
+
+
+@pytest.mark.timeout(40)
+def test_every_client_gets_every_event_and_a_stalled_one_slows_nobody(bus_name, tmp_path):
+    web.scenario_fanout_and_stalled_client(EXAMPLE, bus_name, tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_bus_survives_worker_sigkill_and_sighup_reload(bus_name, tmp_path):
+    web.scenario_worker_killed_and_reload(EXAMPLE, bus_name, tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_bus_survives_max_requests_recycling_then_ctrl_c(bus_name, tmp_path):
+    web.scenario_max_requests(EXAMPLE, bus_name, tmp_path, stop_signal=signal.SIGINT)
+
+
+@pytest.mark.timeout(30)
+def test_endpoints_snapshot_on_connect_and_keepalive_comments(bus_name, tmp_path):
+    web.scenario_quiet_bus(EXAMPLE, bus_name, tmp_path)
