@@ -85,7 +85,8 @@ class _Publisher:
         self.rings: dict[int, _Ring] = {}
         self.writes: list[Callable[[bytes, bytes], bool]] = []
         self.sems: list[posix_ipc.Semaphore] = []
-        self.bad: dict[int, int] = {}  # place -> ring id not to adopt (unopenable, or dead)
+        self.refused: dict[int, int] = {}  # place -> ring id we could not adopt
+        self.removed: dict[int, int] = {}  # place -> ring id whose names we unlinked
         self.version = 0
         self.retired = 0
         self.closed = False
@@ -167,23 +168,27 @@ class _Publisher:
             if ring is not None or not entry.ring_id:
                 continue
             if held:
-                if entry.state == ENTRY_ACTIVE and self.bad.get(index) != entry.ring_id:
+                if entry.state == ENTRY_ACTIVE and self.refused.get(index) != entry.ring_id:
                     self._adopt(index, entry.ring_id, entry.slots)
-            elif self.bad.get(index) != entry.ring_id:
-                # Died before we ever wrote to it: nobody else will remove its names.
+            elif self.removed.get(index) != entry.ring_id:
+                # Its subscriber died before we adopted its ring (or we refused it):
+                # nobody else will remove its names.
                 _registry.unlink_ring(self.name, self.nonce, entry.ring_id)
-                self.bad[index] = entry.ring_id
+                self.removed[index] = entry.ring_id
 
     def _adopt(self, index: int, ring_id: int, slots: int) -> None:
         name = ring_name(self.name, self.nonce, ring_id)
         size = ring_size(slots, self.slot_size)
-        if not 1 <= slots <= MAX_SLOTS or size > MAX_RING_BYTES:
-            self.bad[index] = ring_id  # an impossible entry: garbage, or a hostile subscriber
+        if (not 1 <= slots <= MAX_SLOTS or size > MAX_RING_BYTES
+                or any(ring.ring_id == ring_id for ring in self.rings.values())):
+            # An impossible entry, or one naming another subscriber's ring (two
+            # writers on one ring would corrupt it): garbage, or a hostile peer.
+            self.refused[index] = ring_id
             return
         segment = sem = None
         try:
             # Map exactly what the geometry says, whatever the file's size now.
-            segment = _ipc.Segment.open(name, size, exact=True)
+            segment = _ipc.Segment.open(name, size, max_size=size)
             check_ring_header(segment.buf, segment.size, slots=slots, slot_size=self.slot_size,
                               nonce=self.nonce, ring_id=ring_id)
             sem = _ipc.open_semaphore(name)
@@ -193,7 +198,7 @@ class _Publisher:
                 sem.close()
             if segment is not None:
                 segment.close()
-            self.bad[index] = ring_id
+            self.refused[index] = ring_id
             return
         self.rings[index] = _Ring(index, ring_id, segment, sem, writer)
         self._hot()
@@ -279,7 +284,7 @@ def _create_control(name: str, size: int, mode: int) -> _ipc.Segment:
 
 def _reclaim_or_raise(name: str) -> None:
     try:
-        old = _ipc.Segment.open(control_name(name))
+        old = _ipc.Segment.open(control_name(name), max_size=control_size(MAX_SUBSCRIBERS))
     except FileNotFoundError:
         return
     try:

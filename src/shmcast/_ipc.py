@@ -79,10 +79,11 @@ class Segment:
             raise ShmcastError(f"cannot create {size}-byte segment {name!r}: {e}") from e
 
     @classmethod
-    def open(cls, name: str, min_size: int = 1, *, exact: bool = False) -> Segment:
+    def open(cls, name: str, min_size: int = 1, *, max_size: int | None = None) -> Segment:
         """Map an existing segment; ``FileNotFoundError`` if there is none.
 
-        :param exact: map only *min_size* bytes, whatever the file's size.
+        :param max_size: map at most this many bytes, whatever the file's size
+            (a file grown by ``ftruncate`` costs nothing on tmpfs, a huge map does).
         :raises ShmcastError: if it is smaller than *min_size*.
         """
         try:
@@ -98,7 +99,7 @@ class Segment:
                 raise ShmcastError(
                     f"segment {name!r} is {size} bytes, too small to be what it claims to be"
                 )
-            return cls(name, fd, min_size if exact else size)
+            return cls(name, fd, size if max_size is None else min(size, max_size))
         except BaseException:
             os.close(fd)
             raise
@@ -154,8 +155,8 @@ def _map(fd: int, size: int) -> mmap.mmap:
 
 
 def unlink_segment(name: str) -> None:
-    """Remove a segment's name if it exists."""
-    with contextlib.suppress(posix_ipc.ExistentialError):
+    """Remove a segment's name if it exists and we may (another user's stays)."""
+    with contextlib.suppress(posix_ipc.ExistentialError, posix_ipc.PermissionsError):
         posix_ipc.unlink_shared_memory(name)
 
 
@@ -178,8 +179,8 @@ def open_semaphore(name: str) -> posix_ipc.Semaphore:
 
 
 def unlink_semaphore(name: str) -> None:
-    """Remove a semaphore's name if it exists."""
-    with contextlib.suppress(posix_ipc.ExistentialError):
+    """Remove a semaphore's name if it exists and we may (another user's stays)."""
+    with contextlib.suppress(posix_ipc.ExistentialError, posix_ipc.PermissionsError):
         posix_ipc.unlink_semaphore(name)
 
 

@@ -78,7 +78,14 @@ import struct
 from typing import NamedTuple
 
 from ._errors import ShmcastError
-from ._names import MAX_CODEC_NAME, MAX_SLOT_SIZE, MAX_SLOTS, MAX_SUBSCRIBERS, MAX_TYPE_BYTES
+from ._names import (
+    MAX_CODEC_NAME,
+    MAX_RING_BYTES,
+    MAX_SLOT_SIZE,
+    MAX_SLOTS,
+    MAX_SUBSCRIBERS,
+    MAX_TYPE_BYTES,
+)
 
 LAYOUT_VERSION = 1
 
@@ -213,6 +220,8 @@ def parse_control_header(buf: bytes | bytearray | memoryview, size: int) -> Geom
         problems.append(f"slots {slots}")
     if not 1 <= slot_size <= MAX_SLOT_SIZE:
         problems.append(f"slot_size {slot_size}")
+    elif 1 <= slots <= MAX_SLOTS and ring_size(slots, slot_size) > MAX_RING_BYTES:
+        problems.append(f"rings of {slots} slots of {slot_size} bytes")
     if not 1 <= max_subs <= MAX_SUBSCRIBERS or control_size(max_subs) > size:
         problems.append(f"max_subscribers {max_subs} in a {size}-byte segment")
     if overflow >= len(OVERFLOW_MODES):

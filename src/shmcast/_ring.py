@@ -81,8 +81,9 @@ class RingWriter:
         self.slots = slots
         self.stride = slot_stride(slot_size)
         self.overwrite = overwrite
-        self.w: int = self.q[_W]
-        self.rejected: int = self.q[_REJECTED]
+        # The writer owns these: a fresh ring starts at zero whatever its bytes say.
+        self.w = self.rejected = 0
+        self.q[_W] = self.q[_REJECTED] = 0
 
     def write(self, head: bytes, tail: bytes) -> bool:
         """Put one framed event in the ring; False if it was rejected (``drop_new``, full)."""
@@ -137,8 +138,9 @@ class RingReader:
         self.slot_size = slot_size
         self.stride = slot_stride(slot_size)
         self.overwrite = overwrite
-        self.r: int = q[_R]
-        self.skipped: int = q[_SKIPPED]
+        # The reader owns these: a fresh ring starts at zero whatever its bytes say.
+        self.r = self.skipped = 0
+        q[_R] = q[_SKIPPED] = 0
         self.corrupt = 0  # slots skipped because their header was impossible
 
     def release(self) -> None:
@@ -188,18 +190,17 @@ class RingReader:
             seq = q[off >> 3]
             if seq == want:
                 version, timestamp, lt, ld = _hdr_unpack(buf, off + 8)
-                p = off + SLOT_HEADER_SIZE
-                # Out-of-range lengths only shorten these slices; they are
-                # checked once the copy is known to be untorn.
-                type_ = bytes(buf[p : p + lt])
-                data = bytes(buf[p + lt : p + lt + ld])
-                if q[off >> 3] == want:
-                    if lt <= MAX_TYPE_BYTES and ld <= self.slot_size:
+                if lt <= MAX_TYPE_BYTES and ld <= self.slot_size:
+                    p = off + SLOT_HEADER_SIZE
+                    type_ = bytes(buf[p : p + lt])
+                    data = bytes(buf[p + lt : p + lt + ld])
+                    if q[off >> 3] == want:
                         self.r = r = r + 1
                         q[_R] = r
                         q[_SKIPPED] = self.skipped
                         return version, timestamp, type_, data
-                    self.corrupt += 1
+                elif q[off >> 3] == want:
+                    self.corrupt += 1  # impossible lengths in a slot nobody is writing
             elif seq < want:
                 self.corrupt += 1  # the writer publishes seq before w, so this is garbage
             # Lapped mid-copy, or garbage: count it as dropped and move on.

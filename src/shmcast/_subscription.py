@@ -26,6 +26,7 @@ from ._layout import (
     ENTRY_LEFT,
     STATE_CLOSED,
     Entry,
+    control_size,
     pack_ring_header,
     parse_control_header,
     read_entry,
@@ -34,6 +35,7 @@ from ._layout import (
 from ._names import (
     MAX_RING_BYTES,
     MAX_SLOTS,
+    MAX_SUBSCRIBERS,
     check_int,
     check_name,
     control_name,
@@ -60,7 +62,8 @@ class _Reader:
         self.pid = os.getpid()
         self.forked = False  # set in the child of a fork(): the subscription is the parent's
         try:
-            ctrl = _ipc.Segment.open(control_name(name))
+            ctrl = _ipc.Segment.open(control_name(name),
+                                     max_size=control_size(MAX_SUBSCRIBERS))
         except FileNotFoundError:
             raise BusNotFoundError(f"no bus named {name!r} on this host") from None
         self.ctrl: _ipc.Segment | None = ctrl

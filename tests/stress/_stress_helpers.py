@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import sys
 import time
@@ -131,17 +132,63 @@ class Children:
             self.pids.discard(pid)
 
 
+# Limits of a confined child (see run_confined): address space beyond what it
+# inherited, and the largest file it may create or grow (a /dev/shm segment).
+CONFINED_AS_HEADROOM = 512 << 20
+CONFINED_FSIZE = 64 << 20
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+
+
+def confine(as_headroom: int = CONFINED_AS_HEADROOM, fsize: int = CONFINED_FSIZE) -> None:
+    """Limit the calling (child) process: address space and file size.
+
+    ``RLIMIT_AS`` turns a huge ``mmap`` or allocation into ``MemoryError`` or
+    ``ENOMEM`` instead of a host-wide memory grab; ``RLIMIT_FSIZE`` (with
+    SIGXFSZ ignored, so the call fails with EFBIG instead of killing us) does the
+    same for ``ftruncate``/``posix_fallocate`` of a segment in /dev/shm.
+    """
+    limit = _vm_size() + as_headroom
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+
+def run_confined(body: Callable[[], int | None], timeout: float = 20.0) -> int:
+    """Run *body* in a forked, confined child and return its exit code.
+
+    A segfault or SIGBUS shows as a negative code, an uncaught exception as 70
+    (its traceback goes to stderr, which pytest captures), a hang as an
+    AssertionError after *timeout* seconds (the child is SIGKILLed by pid).
+    """
+
+    def confined() -> int | None:
+        confine()
+        return body()
+
+    with Children() as kids:
+        pid = kids.fork(confined)
+        return kids.reap(pid, timeout)
+
+
 def stop_self() -> None:
     """SIGSTOP the calling process (a child parks itself exactly where the test wants it)."""
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
 __all__ = [
+    "CONFINED_AS_HEADROOM",
+    "CONFINED_FSIZE",
     "DEV_SHM",
     "bus_entries",
     "Children",
+    "confine",
     "fork_child",
     "remove_bus_entries",
+    "run_confined",
     "stop_self",
     "wait_stopped",
     "wait_until",

@@ -276,29 +276,30 @@ def _publisher_parked(name: str, stage: str, pipe: Pipe) -> int:
     """Child: create the bus, wait for two subscribers, publish v1..v3, die at *stage* of v4."""
     from shmcast import _ipc, _ring
 
+    # RingWriter.write is patched before the bus adopts any ring: the publisher may
+    # keep bound methods of its writers (it does, to save lookups per publish), so a
+    # patch made after adoption would never be called. It is armed only for v4.
+    calls = [0]
+    armed = [False]
+
+    def second_write_of_v4(*args: Any) -> bool:
+        if not armed[0]:
+            return False
+        calls[0] += 1
+        return calls[0] == 2
+
+    if stage == "between-rings":  # first ring has v4, the second not yet
+        _park(_ring.RingWriter, "write", second_write_of_v4)
+    elif stage == "before-wake":  # every ring written, no one woken yet
+        _park(_ring.RingWriter, "write", second_write_of_v4, before=False)
     bus = Bus(name, slots=8)
     pipe.send({"bus": os.getpid()})
     wait_until(lambda: bus.subscriber_count == 2, 10, "two subscribers")
     for v in (1, 2, 3):
         bus.publish("e", {"v": v})
+    armed[0] = True
     if stage == "mid-slot":  # the slot's seq is odd: the writer is inside it
         _park_inside_slot_write()
-    elif stage == "between-rings":  # first ring has v4, the second not yet
-        calls = [0]
-
-        def second(*args: Any) -> bool:
-            calls[0] += 1
-            return calls[0] == 2
-
-        _park(_ring.RingWriter, "write", second)
-    elif stage == "before-wake":  # every ring written, no one woken yet
-        calls = [0]
-
-        def last(*args: Any) -> bool:
-            calls[0] += 1
-            return calls[0] == 2
-
-        _park(_ring.RingWriter, "write", last, before=False)
     elif stage == "closing":  # inside close(): registry lock held, state closed, rings not ended
         from shmcast import _bus
 
