@@ -8,7 +8,6 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -50,7 +49,7 @@ from ._names import (
     ring_name,
     touch,
 )
-from ._ring import RingWriter, frame
+from ._ring import RingWriter, frame, write_all
 
 _EPOCH = EPOCH_OFF // 8
 _VERSION = VERSION_OFF // 8
@@ -83,8 +82,7 @@ class _Publisher:
         self.forked = False  # set in the child of a fork(): the bus is the parent's
         self.lock = threading.Lock()
         self.rings: dict[int, _Ring] = {}
-        self.writes: list[Callable[[bytes, bytes], bool]] = []
-        self.sems: list[posix_ipc.Semaphore] = []
+        self.writers: list[RingWriter] = []
         self.refused: dict[int, int] = {}  # place -> ring id we could not adopt
         self.removed: dict[int, int] = {}  # place -> ring id whose names we unlinked
         self.version = 0
@@ -124,11 +122,7 @@ class _Publisher:
                 self._scan()
             version = self.version + 1
             head, tail = frame(version, time.time(), tb, data)
-            for write in self.writes:
-                write(head, tail)
-            for sem in self.sems:
-                if sem.value == 0:  # see _ipc.wake
-                    sem.release()
+            write_all(self.writers, head, tail)
             self.version = ctrl[_VERSION] = version
         return version
 
@@ -192,7 +186,7 @@ class _Publisher:
             check_ring_header(segment.buf, segment.size, slots=slots, slot_size=self.slot_size,
                               nonce=self.nonce, ring_id=ring_id)
             sem = _ipc.open_semaphore(name)
-            writer = RingWriter(segment.buf, slots, self.slot_size, self.overwrite)
+            writer = RingWriter(segment.buf, slots, self.slot_size, self.overwrite, sem)
         except Exception:  # noqa: BLE001 - whatever a dying or hostile subscriber left, skip it
             if sem is not None:
                 sem.close()
@@ -204,9 +198,8 @@ class _Publisher:
         self._hot()
 
     def _hot(self) -> None:
-        """Rebuild the lists publish() walks, so it does no attribute lookups per ring."""
-        self.writes = [ring.writer.write for ring in self.rings.values()]
-        self.sems = [ring.sem for ring in self.rings.values()]
+        """Rebuild the list publish() walks."""
+        self.writers = [ring.writer for ring in self.rings.values()]
 
     def _retire(self, ring: _Ring) -> None:
         del self.rings[ring.index]
@@ -284,7 +277,7 @@ def _create_control(name: str, size: int, mode: int) -> _ipc.Segment:
 
 def _reclaim_or_raise(name: str) -> None:
     try:
-        old = _ipc.Segment.open(control_name(name), max_size=control_size(MAX_SUBSCRIBERS))
+        old = _ipc.Segment.open(control_name(name), 0, max_size=control_size(MAX_SUBSCRIBERS))
     except FileNotFoundError:
         return
     try:

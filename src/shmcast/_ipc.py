@@ -50,8 +50,10 @@ class Segment:
         self.name = name
         self.fd = fd
         self.size = size
-        self._mmap = _map(fd, size)
-        self.buf = memoryview(self._mmap)
+        # An empty file cannot be mapped; it only happens to a creator killed
+        # before sizing its segment, which is then reclaimed without reading it.
+        self._mmap = _map(fd, size) if size else None
+        self.buf = memoryview(self._mmap if self._mmap is not None else b"")
         track_fork(self)
 
     @classmethod
@@ -121,8 +123,9 @@ class Segment:
         self.fd = -1
         self.buf.release()
         # If a view of the map is still alive somewhere, the unmap happens when it goes.
-        with contextlib.suppress(BufferError):
-            self._mmap.close()
+        if self._mmap is not None:
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
 
     def after_fork_in_child(self) -> None:
         """Close the child's copy of the fd.

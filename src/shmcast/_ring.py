@@ -24,6 +24,7 @@ buffer they are given.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ._layout import (
     END_OFF,
@@ -61,6 +62,36 @@ def frame(version: int, timestamp: float, type_: bytes, data: bytes) -> tuple[by
     return head, data
 
 
+def write_all(writers: list[RingWriter], head: bytes, tail: bytes) -> None:
+    """Write one framed event into every ring and wake each reader that sleeps.
+
+    ``RingWriter.write`` inlined: this loop is the publisher's hot path, and a
+    method call per ring cost more than the copy for small events.
+    """
+    n = len(head)
+    m = len(tail)
+    for ring in writers:
+        q = ring.q
+        i = ring.w
+        if not ring.overwrite and i - q[_R] >= ring.slots:
+            ring.rejected += 1
+            q[_REJECTED] = ring.rejected
+            continue
+        off = RING_HEADER_SIZE + (i % ring.slots) * ring.stride
+        seq = off >> 3
+        q[seq] = 2 * i + 1
+        p = off + 8
+        ring.buf[p : p + n] = head
+        if m:
+            ring.buf[p + n : p + n + m] = tail
+        q[seq] = 2 * i + 2
+        ring.w = i = i + 1
+        q[_W] = i
+        sem = ring.sem
+        if sem.value == 0:  # a reader asleep, or about to be: see docs/design.md, "Waking"
+            sem.release()
+
+
 def drops(*, w: int, rejected: int, r: int, skipped: int, slots: int, overwrite: bool) -> int:
     """Events a ring's reader lost so far, from its counters (clamped against garbage)."""
     r = min(max(r, 0), w)
@@ -71,12 +102,14 @@ def drops(*, w: int, rejected: int, r: int, skipped: int, slots: int, overwrite:
 
 
 class RingWriter:
-    """The publisher's end of one ring."""
+    """The publisher's end of one ring, with the semaphore that wakes its reader."""
 
-    __slots__ = ("buf", "overwrite", "q", "rejected", "slots", "stride", "w")
+    __slots__ = ("buf", "overwrite", "q", "rejected", "sem", "slots", "stride", "w")
 
-    def __init__(self, buf: memoryview, slots: int, slot_size: int, overwrite: bool) -> None:
+    def __init__(self, buf: memoryview, slots: int, slot_size: int, overwrite: bool,
+                 sem: Any = None) -> None:
         self.buf = buf
+        self.sem = sem
         self.q = buf.cast("Q")
         self.slots = slots
         self.stride = slot_stride(slot_size)
@@ -223,4 +256,4 @@ class RingReader:
                      slots=self.slots, overwrite=self.overwrite)
 
 
-__all__ = ["INLINE_MAX", "RingReader", "RingWriter", "drops", "frame"]
+__all__ = ["INLINE_MAX", "RingReader", "RingWriter", "drops", "frame", "write_all"]

@@ -23,8 +23,8 @@ subscribers crash, raise anything but ``ShmcastError``, stall, or miscount.
   into its own ring header (``r``, ``skipped``, the whole header) or its own
   registry entry (state, ring id, slots, the epoch) while the publisher
   publishes: every publish stays bounded, the good subscriber loses nothing,
-  ``bus.dropped`` stays within ``[0, 2 x events x rings]`` (the publisher
-  clamps a ring's ``r`` and ``skipped`` to ``[0, w]``).
+  ``bus.dropped`` stays within ``[0, 2 x events]`` (the publisher clamps a
+  ring's ``r`` and ``skipped`` to ``[0, w]``, and refuses a second ring id).
 
 Known limitation, not tested on purpose: *shrinking* a segment that a process
 has already mapped kills that process with SIGBUS at its next access to the
@@ -102,7 +102,9 @@ PUBLISH_BOUND = 1.0  # seconds; a publish is microseconds, this only absorbs a l
 # Exit codes of the confined children.
 ATTACHED = 0  # attached (or read) and behaved
 REFUSED = 10  # refused with a ShmcastError
-TOO_LARGE = 11  # refused with ValueError("... too large"): see test_absurd_ring_geometry_...
+# posix_ipc's ValueError("The size is too large") (EFBIG): a header whose geometry is
+# legal but whose ring is larger than the confined child's RLIMIT_FSIZE (64 MiB).
+TOO_LARGE = 11
 NO_END = 4  # a read loop did not terminate
 BAD = 5  # an out-of-bounds event, a negative count, an event from nowhere
 
@@ -235,10 +237,11 @@ _control_ops = st.lists(st.one_of(
     st.tuples(st.just("entry"), st.integers(0, GEOMETRY["max_subscribers"] - 1),
               st.binary(min_size=64, max_size=64)),
 ), max_size=6)
-# Truncated or grown, before the subscriber maps it (see the module docstring).
-# Sizes in the terabytes are test_huge_control_segment_... (a known bug).
+# Truncated or grown, before the subscriber maps it (see the module docstring); growing
+# costs nothing on tmpfs, so terabytes too (test_huge_control_segment_... as well).
 _control_sizes = st.none() | st.integers(0, _CONTROL_LEN + 256) | st.sampled_from(
-    [0, 1, 7, 8, 127, 128, 129, 191, 192, _CONTROL_LEN - 1, _CONTROL_LEN + 1, 1 << 16, 1 << 20])
+    [0, 1, 7, 8, 127, 128, 129, 191, 192, _CONTROL_LEN - 1, _CONTROL_LEN + 1, 1 << 16, 1 << 20,
+     1 << 40, (1 << 63) - 1])
 
 
 def _fuzz_control(fake: FakePublisher, ops: list[tuple], size: int | None) -> None:
@@ -652,7 +655,8 @@ HOSTILE: dict[str, Callable] = {
     "entry-ring-id-random": lambda ring, ctrl, off, rng, good: _u64(ctrl, off + 8,
                                                                    rng.getrandbits(64)),
     "entry-ring-id-zero": lambda ring, ctrl, off, rng, good: _u64(ctrl, off + 8, 0),
-    # Claims the good subscriber's ring as its own (same id, same slots).
+    # Claims the good subscriber's ring as its own (same id, same slots): refused, two
+    # writers on one ring would corrupt it.
     "entry-ring-id-of-good": lambda ring, ctrl, off, rng, good: ENTRY.pack_into(
         ctrl, off, ENTRY_ACTIVE, 1, good[0], good[1], 0.0),
     "entry-slots-random": lambda ring, ctrl, off, rng, good: U32.pack_into(
@@ -731,9 +735,9 @@ def test_hostile_subscriber_cannot_crash_stall_or_skew_the_publisher(bus_name, o
                         time.sleep(0.3)  # let a periodic liveness scan happen as well
                 assert worst < PUBLISH_BOUND, f"a publish took {worst:.3f}s"
                 assert good.dropped == 0
-                # The hostile's own counters are clamped: at most 2 per event per ring
-                # (its own, the good one's, and the good one's again if it claimed it).
-                assert 0 <= bus.dropped <= 2 * published * 3, bus.dropped
+                # The hostile's own counters are clamped to [0, w]: it can claim at most
+                # 2 drops per event; the good ring (never claimed twice) has none.
+                assert 0 <= bus.dropped <= 2 * published, bus.dropped
                 assert 1 <= bus.subscriber_count <= 2
 
                 assert kids.kill(pid) == KILLED
@@ -750,7 +754,7 @@ def test_hostile_subscriber_cannot_crash_stall_or_skew_the_publisher(bus_name, o
                 else:  # refused ring: removed once its subscriber is gone
                     for _ in range(20):
                         hostile_ring_gone()
-                assert 0 <= bus.dropped <= 2 * bus.version * 3, bus.dropped
+                assert 0 <= bus.dropped <= 2 * bus.version, bus.dropped
                 assert good.dropped == 0
             assert bus_entries(bus_name) == []
         finally:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import select
 import signal
 import time
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 from _stress_helpers import (
+    DEV_SHM,
     Children,
     bus_entries,
     remove_bus_entries,
@@ -75,9 +77,11 @@ class Pipe:
 
     def recv(self, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout
+        poller = select.poll()  # not select.select: long storms have fds beyond FD_SETSIZE
+        poller.register(self.r, select.POLLIN)
         while b"\n" not in self.buf:
             remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.r], [], [], max(0.0, remaining))
+            ready = poller.poll(max(0.0, remaining) * 1000)
             if not ready:
                 raise AssertionError(f"no message from the child within {timeout}s")
             chunk = os.read(self.r, 65536)
@@ -151,7 +155,7 @@ def _park(module: Any, attr: str, when: Callable[..., bool] = lambda *a, **k: Tr
 
 
 def _park_inside_slot_write() -> None:
-    """In a child: SIGSTOP inside RingWriter.write as soon as the slot's seq turned odd.
+    """In a child: SIGSTOP inside a ring write as soon as the slot's seq turned odd.
 
     Found by watching the ring itself (the layout's seqlock protocol: seq is 2i+1
     while event i is written), so it holds whatever the write's code looks like.
@@ -162,7 +166,7 @@ def _park_inside_slot_write() -> None:
     from shmcast._layout import RING_HEADER_SIZE
 
     def local(frame: Any, event: str, arg: Any) -> Any:
-        w = frame.f_locals.get("self")
+        w = frame.f_locals.get("ring") or frame.f_locals.get("self")
         if event == "line" and w is not None:
             off = RING_HEADER_SIZE + (w.w % w.slots) * w.stride
             if struct.unpack_from("<Q", w.buf, off)[0] == 2 * w.w + 1:
@@ -172,7 +176,7 @@ def _park_inside_slot_write() -> None:
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
         code = frame.f_code
-        if code.co_name == "write" and code.co_filename.endswith("_ring.py"):
+        if code.co_name in ("write", "write_all") and code.co_filename.endswith("_ring.py"):
             return local
         return None
 
@@ -274,24 +278,26 @@ def test_subscriber_killed_holding_the_registry_lock_in_unsubscribe(bus_name):
 
 def _publisher_parked(name: str, stage: str, pipe: Pipe) -> int:
     """Child: create the bus, wait for two subscribers, publish v1..v3, die at *stage* of v4."""
-    from shmcast import _ipc, _ring
+    # The publisher writes every ring in _ring.write_all, which _bus calls through
+    # its module global: wrapped here, armed only for v4.
+    from shmcast import _bus, _ipc
 
-    # RingWriter.write is patched before the bus adopts any ring: the publisher may
-    # keep bound methods of its writers (it does, to save lookups per publish), so a
-    # patch made after adoption would never be called. It is armed only for v4.
-    calls = [0]
     armed = [False]
+    write_all = _bus.write_all
 
-    def second_write_of_v4(*args: Any) -> bool:
+    def parked_write_all(writers: list[Any], head: bytes, tail: bytes) -> None:
         if not armed[0]:
-            return False
-        calls[0] += 1
-        return calls[0] == 2
+            write_all(writers, head, tail)
+        elif stage == "between-rings":  # the first ring has v4 (and was woken), the second not
+            write_all(writers[:1], head, tail)
+            stop_self()
+            write_all(writers[1:], head, tail)
+        else:  # "after-rings": every ring written and woken, the version not yet stored
+            write_all(writers, head, tail)
+            stop_self()
 
-    if stage == "between-rings":  # first ring has v4, the second not yet
-        _park(_ring.RingWriter, "write", second_write_of_v4)
-    elif stage == "before-wake":  # every ring written, no one woken yet
-        _park(_ring.RingWriter, "write", second_write_of_v4, before=False)
+    if stage in ("between-rings", "after-rings"):
+        _bus.write_all = parked_write_all  # type: ignore[assignment]
     bus = Bus(name, slots=8)
     pipe.send({"bus": os.getpid()})
     wait_until(lambda: bus.subscriber_count == 2, 10, "two subscribers")
@@ -315,7 +321,7 @@ def _publisher_parked(name: str, stage: str, pipe: Pipe) -> int:
 
 
 @pytest.mark.parametrize(
-    "stage", ["mid-slot", "between-rings", "before-wake", "closing", "closed-but-unlock"])
+    "stage", ["mid-slot", "between-rings", "after-rings", "closing", "closed-but-unlock"])
 def test_publisher_killed_at_a_chosen_point(bus_name, stage):
     pipe = Pipe()
     with Children() as kids:
@@ -358,6 +364,36 @@ def test_publisher_killed_at_a_chosen_point(bus_name, stage):
             for sub in subs:
                 sub.unsubscribe()
             pipe.close()
+            remove_bus_entries(bus_name)
+
+
+def test_publisher_killed_before_sizing_the_control_segment(bus_name):
+    """Dead right after shm_open, before ftruncate: the kernel kills it there (SIGXFSZ)."""
+    with Children() as kids:
+        try:
+            def body() -> int:
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                # Any ftruncate beyond 1 byte now raises SIGXFSZ, whose default action
+                # (Python ignores it; restored here) kills the process: exactly inside
+                # SharedMemory(O_CREX, size=...).
+                signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))
+                Bus(bus_name)
+                return 3
+
+            pid = kids.fork(body)
+            assert kids.reap(pid) == -signal.SIGXFSZ
+            control = os.path.join(DEV_SHM, f"shmcast.{bus_name}")
+            assert os.stat(control).st_size == 0  # what that instant leaves behind
+            # Not a bus: a clear error for a subscriber ...
+            with pytest.raises(ShmcastError):
+                subscribe(bus_name)
+            # ... and a stale name for a publisher, reclaimed silently.
+            with Bus(bus_name) as bus, subscribe(bus_name) as sub:
+                assert bus.publish("e", {"v": 1}) == 1
+                assert sub.get(timeout=5).payload == {"v": 1}
+            assert bus_entries(bus_name) == []
+        finally:
             remove_bus_entries(bus_name)
 
 
@@ -486,10 +522,12 @@ def _subscriber_storm(name: str, iterations: int, seed: int) -> dict:
                     with pytest.raises(TooManySubscribersError):
                         subscribe(name)
                     stats["full_rejections"] += 1
-                for pid, _, _ in victims:
+                for pid, pipe, _ in victims:
                     publish(rng.randint(0, 40))  # the victim is busy reading these
                     assert kids.kill(pid) == KILLED
                     stats["kills"] += 1
+                    pipe.close()  # a long storm would otherwise run out of fds
+                    pipes.remove(pipe)
                 # Dead places are free at once, and are not counted.
                 assert bus.subscriber_count == len(survivors)
                 publish(rng.randint(0, 5))
