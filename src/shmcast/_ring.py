@@ -63,7 +63,7 @@ def frame(version: int, timestamp: float, type_: bytes, data: bytes) -> tuple[by
 
 
 def write_all(writers: list[RingWriter], head: bytes, tail: bytes) -> None:
-    """Write one framed event into every ring and wake each reader that sleeps.
+    """Write one framed event into every ring, then wake each reader that sleeps.
 
     ``RingWriter.write`` inlined: this loop is the publisher's hot path, and a
     method call per ring cost more than the copy for small events.
@@ -87,6 +87,9 @@ def write_all(writers: list[RingWriter], head: bytes, tail: bytes) -> None:
         q[seq] = 2 * i + 2
         ring.w = i = i + 1
         q[_W] = i
+    # Wake only once every ring has the event: a woken reader may preempt us, and
+    # must not delay the others' copies.
+    for ring in writers:
         sem = ring.sem
         if sem.value == 0:  # a reader asleep, or about to be: see docs/design.md, "Waking"
             sem.release()
