@@ -91,7 +91,7 @@ def write_all(writers: list[RingWriter], head: bytes, tail: bytes) -> None:
     # must not delay the others' copies.
     for ring in writers:
         sem = ring.sem
-        if sem.value == 0:  # a reader asleep, or about to be: see docs/design.md, "Waking"
+        if sem is not None and sem.value == 0:  # a reader asleep, or about to be: see docs/design.md, "Waking"
             sem.release()
 
 
@@ -122,25 +122,10 @@ class RingWriter:
         self.q[_W] = self.q[_REJECTED] = 0
 
     def write(self, head: bytes, tail: bytes) -> bool:
-        """Put one framed event in the ring; False if it was rejected (``drop_new``, full)."""
-        q = self.q
-        i = self.w
-        if not self.overwrite and i - q[_R] >= self.slots:
-            self.rejected += 1
-            q[_REJECTED] = self.rejected
-            return False
-        off = RING_HEADER_SIZE + (i % self.slots) * self.stride
-        seq = off >> 3
-        q[seq] = 2 * i + 1
-        p = off + 8
-        end = p + len(head)
-        self.buf[p:end] = head
-        if tail:
-            self.buf[end : end + len(tail)] = tail
-        q[seq] = 2 * i + 2
-        self.w = i = i + 1
-        q[_W] = i
-        return True
+        """Put one framed event in this ring alone; False if it was rejected (``drop_new``)."""
+        rejected = self.rejected
+        write_all([self], head, tail)
+        return self.rejected == rejected
 
     def release(self) -> None:
         """Drop our view of the ring so its segment can be unmapped."""
