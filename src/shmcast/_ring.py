@@ -91,7 +91,8 @@ def write_all(writers: list[RingWriter], head: bytes, tail: bytes) -> None:
     # must not delay the others' copies.
     for ring in writers:
         sem = ring.sem
-        if sem is not None and sem.value == 0:  # a reader asleep, or about to be: see docs/design.md, "Waking"
+        # A reader asleep, or about to be: see docs/design.md, "Waking".
+        if sem is not None and sem.value == 0:
             sem.release()
 
 
