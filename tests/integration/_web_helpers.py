@@ -444,7 +444,7 @@ def scenario_fanout_and_stalled_client(example: str, bus: str, tmp_path: Path) -
                 client.stop()
             if stalled is not None:
                 stalled.close()
-        assert server.stop() < 4.0, "SIGTERM took too long"
+        assert_quick_stop(server)
     assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
 
     # Every reading client: one connection, a snapshot first, then every
@@ -545,7 +545,7 @@ def scenario_worker_killed_and_reload(example: str, bus: str, tmp_path: Path) ->
         finally:
             for client in clients:
                 client.stop()
-        assert server.stop() < 4.0, "SIGTERM took too long"
+        assert_quick_stop(server)
     assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
     _check_clients_across_restarts(clients, server.pid)
     for client in clients:
@@ -570,6 +570,22 @@ def check_endpoints(server: Gunicorn) -> None:
         assert response.headers["cache-control"] == "no-cache"
         lines = response.iter_lines()
         assert next(lines) == "retry: 1000"
+
+
+# Workers that drain their streams stop in well under a second; a worker that
+# waits out --graceful-timeout (5 s) is SIGKILLed by the master, which logs it.
+# The time bound leaves room for a loaded CI machine; the log catches the hang.
+STOP_BOUND = 8.0
+
+
+def assert_quick_stop(server: Gunicorn, sig: int = signal.SIGTERM) -> None:
+    """Stop gunicorn with *sig* and check that no worker had to be SIGKILLed."""
+    name = signal.Signals(sig).name
+    before = len(server.log())
+    took = server.stop(sig=sig)
+    assert took < STOP_BOUND, f"{name} took {took:.1f} s"
+    assert "was sent SIGKILL" not in server.log()[before:], (
+        f"a worker had to be SIGKILLed after {name}")
 
 
 def scenario_max_requests(
@@ -606,8 +622,7 @@ def scenario_max_requests(
         # On Ctrl-C the master asks its workers for a quick exit (SIGQUIT);
         # either way they must not wait for graceful_timeout (5 s) and a SIGKILL
         name = signal.Signals(stop_signal).name
-        assert server.stop(sig=stop_signal) < 4.0, f"{name} took too long"
-        assert "was sent SIGKILL" not in server.log()
+        assert_quick_stop(server, stop_signal)
     assert bus_entries(bus) == [], f"bus left in /dev/shm after {name}"
     _check_clients_across_restarts(clients, server.pid)
 
@@ -638,5 +653,5 @@ def scenario_quiet_bus(example: str, bus: str, tmp_path: Path) -> None:
         assert client.events[0].type == "members"
         assert client.events[0].json()["reason"] == "repair"
         assert client.comments[0] == (0, "waiting for a snapshot")
-        assert server.stop() < 4.0, "SIGTERM took too long"
+        assert_quick_stop(server)
     assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
