@@ -37,11 +37,6 @@ def claim_place(ctrl: _ipc.Segment, max_subscribers: int) -> int | None:
     return None
 
 
-def release_place(ctrl: _ipc.Segment, index: int) -> None:
-    """Give a place back."""
-    _ipc.unlock(ctrl.fd, _ipc.ENTRY_LOCK_BASE + index)
-
-
 def place_held(ctrl: _ipc.Segment, index: int) -> bool:
     """Whether some other open file description holds place *index*."""
     return _ipc.is_locked(ctrl.fd, _ipc.ENTRY_LOCK_BASE + index)
@@ -145,7 +140,6 @@ __all__ = [
     "place_held",
     "publisher_alive",
     "reclaim_dead_bus",
-    "release_place",
     "set_state",
     "unlink_ring",
     "write_entry",

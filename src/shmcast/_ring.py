@@ -142,9 +142,6 @@ class RingWriter:
         return drops(w=self.w, rejected=self.rejected, r=q[_R], skipped=q[_SKIPPED],
                      slots=self.slots, overwrite=self.overwrite)
 
-    def lag(self) -> int:
-        """Events written but not yet consumed or dropped."""
-        return max(0, min(self.w - self.q[_R], self.slots))
 
 
 class RingReader:
