@@ -267,9 +267,21 @@ def _create_control(name: str, size: int, mode: int) -> _ipc.Segment:
         except FileExistsError:
             _reclaim_or_raise(name)
             continue
-        # Until we hold the publisher lock another creator may take the
-        # segment for a dead bus and unlink it: then start over.
-        if _ipc.try_lock(ctrl.fd, _ipc.PUBLISHER_LOCK) and ctrl.still_named():
+        # Until we hold the publisher lock another creator may take the segment
+        # for a dead bus and unlink it. Reclaimers decide and unlink under the
+        # reclaim lock, so taking the publisher lock under it too makes the two
+        # exclusive: either it unlinked first (the name no longer resolves to
+        # ours: start over), or it will find the publisher alive.
+        try:
+            _ipc.lock(ctrl.fd, _ipc.RECLAIM_LOCK, _registry.REGISTRY_TIMEOUT, "reclaim lock")
+        except ShmcastError:
+            ctrl.close()
+            continue
+        try:
+            won = _ipc.try_lock(ctrl.fd, _ipc.PUBLISHER_LOCK) and ctrl.still_named()
+        finally:
+            _ipc.unlock(ctrl.fd, _ipc.RECLAIM_LOCK)
+        if won:
             return ctrl
         ctrl.close()
     raise BusExistsError(f"bus {name!r} is being created by another process")
