@@ -18,6 +18,7 @@ processes. The harness drives it in three steps:
 
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -76,4 +77,24 @@ def wait_until(pred: Any, deadline: float, what: str, poll: float = 0.005) -> No
         time.sleep(poll)
 
 
-__all__ = ["Channel", "Options", "Peer", "Receiver", "wait_until"]
+class QueueReceiver:
+    """The subscriber side of the queue peers: a queue whose ``get`` raises ``queue.Empty``."""
+
+    def __init__(self, q: Any) -> None:
+        from benchmarks import _codec
+
+        self._get = q.get
+        self._loads = _codec.get()[1]
+
+    def recv(self, timeout: float) -> Any:
+        try:
+            return self._loads(self._get(timeout=timeout))
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = [
+    "Channel", "Options", "Peer", "QueueReceiver", "Receiver", "wait_until"]

@@ -12,7 +12,7 @@ import queue
 from typing import Any
 
 from benchmarks import _codec
-from benchmarks.adapters.base import Peer
+from benchmarks.adapters.base import Peer, QueueReceiver
 
 PUT_TIMEOUT = 0.5
 
@@ -69,23 +69,8 @@ class _Channel:
             q.close()
 
 
-class _Receiver:
-    def __init__(self, q: Any) -> None:
-        self._get = q.get
-        self._loads = _codec.get()[1]
-
-    def recv(self, timeout: float) -> Any:
-        try:
-            return self._loads(self._get(timeout=timeout))
-        except queue.Empty:
-            return None
-
-    def close(self) -> None:
-        pass
-
-
-def open_receiver(spec: Any) -> _Receiver:
-    return _Receiver(spec)
+def open_receiver(spec: Any) -> QueueReceiver:
+    return QueueReceiver(spec)
 
 
 __all__ = ["FasterFifoPeer", "open_receiver"]
