@@ -10,9 +10,12 @@ from ._bus import Bus as Bus
 from ._codecs import Codec as Codec
 from ._errors import BusExistsError as BusExistsError
 from ._errors import BusNotFoundError as BusNotFoundError
+from ._errors import BusPermissionError as BusPermissionError
+from ._errors import DecodeError as DecodeError
 from ._errors import EventTooLargeError as EventTooLargeError
 from ._errors import ShmcastError as ShmcastError
 from ._errors import StreamClosed as StreamClosed
+from ._errors import TooManyPublishersError as TooManyPublishersError
 from ._errors import TooManySubscribersError as TooManySubscribersError
 from ._event import Event as Event
 from ._subscription import Subscription as Subscription
@@ -21,8 +24,9 @@ from ._subscription import subscribe as subscribe
 __version__ = "0.1.0"
 
 # Tracebacks and pickles show the public names, not the private modules.
-for _obj in (Bus, Codec, BusExistsError, BusNotFoundError, EventTooLargeError, ShmcastError,
-             StreamClosed, TooManySubscribersError, Event, Subscription, subscribe):
+for _obj in (Bus, Codec, BusExistsError, BusNotFoundError, BusPermissionError, DecodeError,
+             EventTooLargeError, ShmcastError, StreamClosed, TooManyPublishersError,
+             TooManySubscribersError, Event, Subscription, subscribe):
     _obj.__module__ = __name__
 del _obj
 
@@ -30,12 +34,15 @@ __all__ = [
     "Bus",
     "BusExistsError",
     "BusNotFoundError",
+    "BusPermissionError",
+    "DecodeError",
     "Codec",
     "Event",
     "EventTooLargeError",
     "ShmcastError",
     "StreamClosed",
     "Subscription",
+    "TooManyPublishersError",
     "TooManySubscribersError",
     "subscribe",
 ]

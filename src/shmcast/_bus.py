@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import threading
@@ -22,19 +23,18 @@ from ._layout import (
     END_BUS_CLOSED,
     ENTRY_ACTIVE,
     ENTRY_JOINING,
-    EPOCH_OFF,
-    OVERFLOW_MODES,
-    RETIRED_OFF,
+    I_STATE,
+    Q_EPOCH,
+    Q_RETIRED,
+    Q_VERSION,
+    SERVE_OK,
+    SERVE_REFUSED,
+    SERVE_RETRYING,
     STATE_CLOSED,
-    STATE_OFF,
-    U32,
-    U64,
-    VERSION_OFF,
     check_ring_header,
     control_size,
     pack_control_header,
     parse_control_header,
-    read_entry,
     ring_size,
 )
 from ._names import (
@@ -49,14 +49,18 @@ from ._names import (
     ring_name,
     touch,
 )
-from ._ring import RingWriter, frame, write_all
-
-_EPOCH = EPOCH_OFF // 8
-_VERSION = VERSION_OFF // 8
+from ._ring import Overflow, RingWriter, frame, write_all
 
 # Deaths change no byte of the registry, so the publisher also re-reads it this
 # often; the contract allows a dead subscriber to be counted for up to 1 s.
+# A ring it failed to adopt (EMFILE, ENOMEM...) is retried as often.
 LIVENESS_PERIOD = 0.25
+
+# close() waits this long for a registry lock held by another process before
+# it ends the streams without it (only a stopped holder makes it wait).
+CLOSE_LOCK_TIMEOUT = 0.02
+
+MAX_PUBLISHERS = 64
 
 
 @dataclass
@@ -66,28 +70,50 @@ class _Ring:
     segment: _ipc.Segment
     sem: posix_ipc.Semaphore
     writer: RingWriter
+    missed: int  # events it missed before it was served
+
+
+@dataclass
+class _Pending:
+    """An active subscriber whose ring we could not adopt yet: what it misses is counted."""
+
+    ring_id: int
+    missed_q: int  # index of its missed counter in the control segment's u64 view
+    missed: int = 0
+    refused: bool = False
 
 
 class _Publisher:
-    """Everything a Bus owns; kept apart from Bus so a finalizer can close it."""
+    """Everything a Bus owns; kept apart from Bus so a finalizer can close it.
+
+    Locking: ``lock`` is reentrant so that close() called from a signal
+    handler, while the interrupted code of the same thread is inside publish(),
+    gets it at once instead of deadlocking. ``busy`` tells such a close() that
+    the mappings are in use below it: it ends the streams and unlinks the names
+    at once, and the interrupted call unmaps when it leaves. The lock is
+    replaced in the child of a fork(): one held by a parent thread that does
+    not exist in the child would be held forever.
+    """
 
     def __init__(self, name: str, slots: int, slot_size: int, max_subscribers: int,
-                 overflow: str, codec: Codec, mode: int) -> None:
+                 overflow: Overflow, codec: Codec, mode: int) -> None:
         self.name = name
         self.slot_size = slot_size
         self.max_subscribers = max_subscribers
-        self.overwrite = overflow == "overwrite"
+        self.overwrite = overflow is Overflow.OVERWRITE
         self.codec = codec
         self.pid = os.getpid()
         self.forked = False  # set in the child of a fork(): the bus is the parent's
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.busy = False
+        self.closed = False  # close() began: streams ended, names unlinked
+        self.torn = False  # mappings released
         self.rings: dict[int, _Ring] = {}
         self.writers: list[RingWriter] = []
-        self.refused: dict[int, int] = {}  # place -> ring id we could not adopt
+        self.pending: dict[int, _Pending] = {}
         self.removed: dict[int, int] = {}  # place -> ring id whose names we unlinked
         self.version = 0
         self.retired = 0
-        self.closed = False
         self.epoch_seen = -1
         self.next_scan = 0.0
         self.types: dict[str, bytes] = {}
@@ -95,14 +121,16 @@ class _Publisher:
         self.ctrl = _create_control(name, control_size(max_subscribers), mode)
         pack_control_header(
             self.ctrl.buf, nonce=self.nonce, pid=self.pid, slots=slots, slot_size=slot_size,
-            max_subscribers=max_subscribers, overflow=overflow, mode=mode,
+            max_subscribers=max_subscribers, overflow=overflow.code, mode=mode,
             created=time.time(), codec=codec.name,
         )
-        self.ctrl_q = self.ctrl.buf.cast("Q")
+        self.views = _registry.Views(self.ctrl)
+        self.ctrl_q = self.views.q
         _ipc.track_fork(self)
 
     def after_fork_in_child(self) -> None:
         self.forked = True
+        self.lock = threading.RLock()
 
     # The hot path.
     def publish(self, type_: str, payload: Any) -> int:
@@ -117,13 +145,23 @@ class _Publisher:
         with self.lock:
             if self.closed or self.forked:
                 self._raise_unusable()
-            ctrl = self.ctrl_q
-            if ctrl[_EPOCH] != self.epoch_seen or time.monotonic() >= self.next_scan:
-                self._scan()
-            version = self.version + 1
-            head, tail = frame(version, time.time(), tb, data)
-            write_all(self.writers, head, tail)
-            self.version = ctrl[_VERSION] = version
+            self.busy = True
+            try:
+                ctrl = self.ctrl_q
+                if ctrl[Q_EPOCH] != self.epoch_seen or time.monotonic() >= self.next_scan:
+                    self._scan()
+                version = self.version + 1
+                head, tail = frame(version, time.time(), tb, data)
+                write_all(self.writers, head, tail)
+                if self.pending:
+                    for pend in self.pending.values():
+                        pend.missed += 1
+                        ctrl[pend.missed_q] = pend.missed
+                self.version = ctrl[Q_VERSION] = version
+            finally:
+                self.busy = False
+            if self.closed:
+                self._teardown()  # a signal handler closed the bus under us
         return version
 
     def _type_bytes(self, type_: str) -> bytes:
@@ -137,47 +175,56 @@ class _Publisher:
         return tb
 
     def _raise_unusable(self) -> None:
-        if self.closed:
-            raise ShmcastError(f"bus {self.name!r} is closed")
-        raise ShmcastError(
-            f"bus {self.name!r} belongs to process {self.pid}; this process ({os.getpid()}) "
-            "inherited it through fork() and cannot publish on it"
-        )
+        if self.forked:
+            raise ShmcastError(
+                f"bus {self.name!r} belongs to process {self.pid}; this process "
+                f"({os.getpid()}) inherited it through fork() and cannot use it"
+            )
+        raise ShmcastError(f"bus {self.name!r} is closed")
 
     def _scan(self) -> None:
-        """Adopt new rings, retire departed and dead ones (called with the lock held)."""
+        """Adopt new rings, retire departed and dead ones (lock held, not torn)."""
         ctrl = self.ctrl
-        self.epoch_seen = self.ctrl_q[_EPOCH]
+        self.epoch_seen = self.ctrl_q[Q_EPOCH]
         self.next_scan = time.monotonic() + LIVENESS_PERIOD
-        for index in range(self.max_subscribers):
-            entry = read_entry(ctrl.buf, index)
+        for index, entry in _registry.entries(ctrl, self.max_subscribers):
             ring = self.rings.get(index)
-            if ring is None and entry.state not in (ENTRY_JOINING, ENTRY_ACTIVE):
+            pend = self.pending.get(index)
+            if ring is None and pend is None and entry.state not in (ENTRY_JOINING,
+                                                                     ENTRY_ACTIVE):
                 continue
             held = _registry.place_held(ctrl, index)
-            if ring is not None and (ring.ring_id != entry.ring_id or
-                                     entry.state != ENTRY_ACTIVE or not held):
+            live = held and entry.state == ENTRY_ACTIVE
+            if ring is not None and (ring.ring_id != entry.ring_id or not live):
                 self._retire(ring)
                 ring = None
+            if pend is not None and (pend.ring_id != entry.ring_id or not live):
+                self._forget(index)
+                pend = None
             if ring is not None or not entry.ring_id:
                 continue
-            if held:
-                if entry.state == ENTRY_ACTIVE and self.refused.get(index) != entry.ring_id:
-                    self._adopt(index, entry.ring_id, entry.slots)
-            elif self.removed.get(index) != entry.ring_id:
+            if live:
+                if pend is None:
+                    _registry.start_service(self.views, index, entry.ring_id)
+                    pend = self.pending[index] = _Pending(entry.ring_id,
+                                                          _registry.missed_index(index))
+                if not pend.refused:
+                    self._adopt(index, pend, entry.slots)
+            elif not held and self.removed.get(index) != entry.ring_id:
                 # Its subscriber died before we adopted its ring (or we refused it):
                 # nobody else will remove its names.
                 _registry.unlink_ring(self.name, self.nonce, entry.ring_id)
                 self.removed[index] = entry.ring_id
 
-    def _adopt(self, index: int, ring_id: int, slots: int) -> None:
+    def _adopt(self, index: int, pend: _Pending, slots: int) -> None:
+        ring_id = pend.ring_id
         name = ring_name(self.name, self.nonce, ring_id)
         size = ring_size(slots, self.slot_size)
         if (not 1 <= slots <= MAX_SLOTS or size > MAX_RING_BYTES
                 or any(ring.ring_id == ring_id for ring in self.rings.values())):
             # An impossible entry, or one naming another subscriber's ring (two
             # writers on one ring would corrupt it): garbage, or a hostile peer.
-            self.refused[index] = ring_id
+            self._refuse(index, pend, 0)
             return
         segment = sem = None
         try:
@@ -185,17 +232,39 @@ class _Publisher:
             segment = _ipc.Segment.open(name, size, max_size=size)
             check_ring_header(segment.buf, segment.size, slots=slots, slot_size=self.slot_size,
                               nonce=self.nonce, ring_id=ring_id)
+            segment.drop_fd()
             sem = _ipc.open_semaphore(name)
             writer = RingWriter(segment.buf, slots, self.slot_size, self.overwrite, sem)
-        except Exception:  # noqa: BLE001 - whatever a dying or hostile subscriber left, skip it
+        except Exception as e:  # noqa: BLE001 - whatever a dying or hostile subscriber left
             if sem is not None:
                 sem.close()
             if segment is not None:
                 segment.close()
-            self.refused[index] = ring_id
+            if isinstance(e, ShmcastError):
+                self._refuse(index, pend, 0)  # malformed: it will not get better
+            else:
+                # EMFILE, ENOMEM, a ring not there yet...: try again at the next scan,
+                # and tell the subscriber, whose get() raises meanwhile.
+                err = getattr(e, "errno", None) or errno.EIO
+                _registry.set_service(self.views, index, SERVE_RETRYING, err)
             return
-        self.rings[index] = _Ring(index, ring_id, segment, sem, writer)
+        del self.pending[index]
+        self.rings[index] = _Ring(index, ring_id, segment, sem, writer, pend.missed)
+        _registry.set_service(self.views, index, SERVE_OK)
         self._hot()
+
+    def _refuse(self, index: int, pend: _Pending, err: int) -> None:
+        pend.refused = True
+        _registry.set_service(self.views, index, SERVE_REFUSED, err)
+
+    def _forget(self, index: int) -> None:
+        pend = self.pending.pop(index)
+        self._add_retired(pend.missed)
+
+    def _add_retired(self, drops: int) -> None:
+        if drops:
+            self.retired += drops
+            self.ctrl_q[Q_RETIRED] = self.retired
 
     def _hot(self) -> None:
         """Rebuild the list publish() walks."""
@@ -204,58 +273,82 @@ class _Publisher:
     def _retire(self, ring: _Ring) -> None:
         del self.rings[ring.index]
         self._hot()
-        self.retired += ring.writer.drops()
-        U64.pack_into(self.ctrl.buf, RETIRED_OFF, self.retired)
+        self._add_retired(ring.writer.drops() + ring.missed)
         _registry.unlink_ring(self.name, self.nonce, ring.ring_id)
         ring.sem.close()
         ring.writer.release()
         ring.segment.close()
 
+    def _usable(self) -> bool:
+        return not (self.closed or self.forked or self.busy)
+
     def dropped(self) -> int:
         with self.lock:
-            if not self.closed and not self.forked and \
-                    self.ctrl_q[_EPOCH] != self.epoch_seen:
+            if self.forked:
+                self._raise_unusable()
+            if self._usable() and self.ctrl_q[Q_EPOCH] != self.epoch_seen:
                 self._scan()
-            return self.retired + sum(ring.writer.drops() for ring in self.rings.values())
+            return self.retired + sum(ring.writer.drops() + ring.missed
+                                      for ring in self.rings.values()) + \
+                sum(pend.missed for pend in self.pending.values())
 
     def subscriber_count(self) -> int:
         with self.lock:
-            if self.closed or self.ctrl.fd < 0:
+            if self.forked:
+                self._raise_unusable()
+            if self.closed:
                 return 0
             return _registry.count_active(self.ctrl, self.max_subscribers)
 
     def close(self) -> None:
+        """End every stream, unlink every name, then unmap once no call is using the maps.
+
+        Safe from a signal handler and at interpreter exit: it never waits for
+        more than a moment, and it never unmaps under the call it interrupted.
+        """
         with self.lock:
-            if self.closed:
-                return
-            self.closed = True
             if self.forked:
                 return  # a forked copy: the bus is not ours to end
-            ctrl = self.ctrl
-            try:
-                _ipc.lock(ctrl.fd, _ipc.REGISTRY_LOCK, _registry.REGISTRY_TIMEOUT, "registry lock")
-                locked = True
-            except ShmcastError:
-                locked = False  # a stopped subscriber holds it: close all the same
-            try:
-                U32.pack_into(ctrl.buf, STATE_OFF, STATE_CLOSED)
+            if not self.closed:
+                self.closed = True
+                self._end_streams()
+            if not self.busy:
+                self._teardown()
+
+    def _end_streams(self) -> None:
+        ctrl = self.ctrl
+        # The state first, so that a subscriber activating from now on sees it.
+        self.views.i[I_STATE] = STATE_CLOSED
+        # Every stream's end mark is written under the registry lock, so a
+        # subscriber activating meanwhile either is seen here or sees the bus
+        # closed. A stopped holder of the lock costs that guarantee, not a hang:
+        # such a subscriber learns of the end when the publisher lock goes.
+        locked = _ipc.lock_within(ctrl.fd, _ipc.REGISTRY_LOCK, CLOSE_LOCK_TIMEOUT)
+        try:
+            if not self.busy:
                 self._scan()
-                for ring in self.rings.values():
-                    ring.writer.end(END_BUS_CLOSED)
-                    _ipc.wake(ring.sem)
-                for ring in list(self.rings.values()):
-                    self._retire(ring)
-                for index in range(self.max_subscribers):
-                    entry = read_entry(ctrl.buf, index)
-                    if entry.ring_id:
-                        _registry.unlink_ring(self.name, self.nonce, entry.ring_id)
-                if ctrl.still_named():
-                    _ipc.unlink_segment(control_name(self.name))
-            finally:
-                if locked:
-                    _ipc.unlock(ctrl.fd, _ipc.REGISTRY_LOCK)
-                self.ctrl_q.release()
-                ctrl.close()
+            for ring in self.rings.values():
+                ring.writer.end(END_BUS_CLOSED)
+                _ipc.wake(ring.sem)
+        finally:
+            if locked:
+                _ipc.unlock(ctrl.fd, _ipc.REGISTRY_LOCK)
+        for _, entry in _registry.entries(ctrl, self.max_subscribers):
+            if entry.ring_id:
+                _registry.unlink_ring(self.name, self.nonce, entry.ring_id)
+        if ctrl.still_named():
+            _ipc.unlink_segment(control_name(self.name))
+
+    def _teardown(self) -> None:
+        if self.torn:
+            return
+        self.torn = True
+        for ring in list(self.rings.values()):
+            self._retire(ring)
+        for index in list(self.pending):
+            self._forget(index)
+        self.views.release()
+        self.ctrl.close()
 
 
 def _create_control(name: str, size: int, mode: int) -> _ipc.Segment:
@@ -312,6 +405,8 @@ class Bus:
     :param slots: events each subscriber's ring holds (a subscriber may ask for another size).
     :param slot_size: the largest encoded payload, in bytes.
     :param max_subscribers: how many subscribers may be attached at once.
+    :param max_publishers: how many other processes may publish through
+        :class:`Publisher` at once (0: none).
     :param overflow: ``"overwrite"`` (a full ring loses its oldest unread event) or
         ``"drop_new"`` (a full ring rejects the new event); either way, one drop is counted.
     :param codec: ``"json"``, ``"pickle"``, ``"raw"`` or an object with ``name``,
@@ -330,6 +425,7 @@ class Bus:
         slots: int = 64,
         slot_size: int = 4096,
         max_subscribers: int = 64,
+        max_publishers: int = 0,
         overflow: str = "overwrite",
         codec: str | Codec = "json",
         mode: int = 0o600,
@@ -338,16 +434,17 @@ class Bus:
         check_int("slots", slots, 1, MAX_SLOTS)
         check_int("slot_size", slot_size, 1, MAX_SLOT_SIZE)
         check_int("max_subscribers", max_subscribers, 1, MAX_SUBSCRIBERS)
+        check_int("max_publishers", max_publishers, 0, MAX_PUBLISHERS)
         check_int("mode", mode, 0, 0o777)
-        if overflow not in OVERFLOW_MODES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+        policy = Overflow.parse(overflow)
         if ring_size(slots, slot_size) > MAX_RING_BYTES:
             raise ValueError(
                 f"a ring of {slots} slots of {slot_size} bytes exceeds {MAX_RING_BYTES} bytes"
             )
+        chosen = resolve(codec)
+        _ipc.check_memory_model()
         touch(name)
-        self._core = _Publisher(name, slots, slot_size, max_subscribers, overflow,
-                                resolve(codec), mode)
+        self._core = _Publisher(name, slots, slot_size, max_subscribers, policy, chosen, mode)
         self._finalizer = weakref.finalize(self, self._core.close)
 
     @property

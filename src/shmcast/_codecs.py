@@ -129,10 +129,16 @@ def resolve(codec: object) -> Codec:
 def for_subscriber(bus_codec: str, codec: object) -> Codec:
     """Pick the codec a subscriber decodes with, given the name the bus recorded.
 
-    :raises ShmcastError: if the bus uses a custom codec and *codec* is missing or
-        has another name.
+    :raises ShmcastError: if the bus uses pickle or a custom codec and *codec* is
+        missing, or has another name.
     """
     if codec is None:
+        if bus_codec == PickleCodec.name:
+            # Unpickling runs code: only the reader may decide to, never a bus header.
+            raise ShmcastError(
+                "the bus uses the pickle codec: pass codec='pickle' to subscribe if you "
+                "trust every process that can publish on it"
+            )
         if bus_codec in BUILTIN:
             return BUILTIN[bus_codec]
         raise ShmcastError(

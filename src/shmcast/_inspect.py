@@ -53,6 +53,7 @@ from ._layout import (
     slot_stride,
 )
 from ._names import PREFIX, check_name, control_name, ring_name
+from ._ring import Overflow
 from ._ring import drops as ring_drops
 
 SHM_DIR = "/dev/shm"
@@ -84,6 +85,7 @@ class ReadOnlySegment(_ipc.Segment):
         self.name = name
         self.fd = fd
         self.size = size
+        self.closed = False
         self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         self.buf = memoryview(self._mmap)
 
@@ -405,7 +407,7 @@ def _read_ring(ctrl: ReadOnlySegment, g: Geometry, ring: str, ring_id: int, slot
         for _ in range(5):  # the publisher may lap the slots we look at: try again
             w = U64.unpack_from(buf, W_OFF)[0]
             rejected = U64.unpack_from(buf, REJECTED_OFF)[0]
-            r, skipped = TWO_U64.unpack_from(buf, R_OFF)
+            r, delivered = TWO_U64.unpack_from(buf, R_OFF)
             r = min(r, w)
             if w == 0:
                 break
@@ -419,9 +421,14 @@ def _read_ring(ctrl: ReadOnlySegment, g: Geometry, ring: str, ring_id: int, slot
             read=r,
             fill=max(0, min(w - r, slots)),
             lag=lag,
-            drops=ring_drops(w=w, rejected=rejected, r=r, skipped=skipped, slots=slots,
-                             overwrite=g.overflow == "overwrite"),
+            drops=ring_drops(w=w, rejected=rejected, r=r, delivered=delivered, slots=slots,
+                             overwrite=Overflow.from_code(g.overflow) is Overflow.OVERWRITE),
         )
+
+
+def _overflow_name(code: int) -> str:
+    policy = Overflow.from_code(code)
+    return policy.value if policy is not None else f"unknown ({code})"
 
 
 def _bus_bytes(name: str, nonce: int, ctrl_size: int, rings: dict[tuple[str, int, int], RingFile],
@@ -496,7 +503,7 @@ def read_bus(name: str, *, every_place: bool = False,
             slots=g.slots,
             slot_size=g.slot_size,
             max_subscribers=g.max_subscribers,
-            overflow=g.overflow,
+            overflow=_overflow_name(g.overflow),
             created=g.created,
             version=U64.unpack_from(ctrl.buf, VERSION_OFF)[0],
             retired_drops=retired,

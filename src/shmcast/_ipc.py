@@ -20,10 +20,12 @@ import errno
 import fcntl
 import mmap
 import os
+import platform
 import struct
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Protocol
 
 import posix_ipc
@@ -44,12 +46,13 @@ ENTRY_LOCK_BASE = 1024  # + entry index: held by the subscriber owning that entr
 class Segment:
     """One mapped shared-memory segment and the open fd its locks live on."""
 
-    __slots__ = ("__weakref__", "_mmap", "buf", "fd", "name", "size")
+    __slots__ = ("__weakref__", "_mmap", "buf", "closed", "fd", "name", "size")
 
     def __init__(self, name: str, fd: int, size: int) -> None:
         self.name = name
         self.fd = fd
         self.size = size
+        self.closed = False
         # An empty file cannot be mapped; it only happens to a creator killed
         # before sizing its segment, which is then reclaimed without reading it.
         self._mmap = _map(fd, size) if size else None
@@ -106,6 +109,17 @@ class Segment:
             os.close(fd)
             raise
 
+    def owner(self) -> int:
+        """The uid that owns the segment's file."""
+        return os.fstat(self.fd).st_uid
+
+    def drop_fd(self) -> None:
+        """Close the fd but keep the mapping: a writer of a ring needs no lock, and
+        every fd it keeps counts against ``RLIMIT_NOFILE`` (one per subscriber)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def still_named(self) -> bool:
         """Whether our segment is still the one its name resolves to."""
         try:
@@ -117,10 +131,10 @@ class Segment:
 
     def close(self) -> None:
         """Unmap and close the fd (which drops every lock taken through it). Idempotent."""
-        if self.fd < 0:
+        if self.closed:
             return
-        os.close(self.fd)
-        self.fd = -1
+        self.closed = True
+        self.drop_fd()
         self.buf.release()
         # If a view of the map is still alive somewhere, the unmap happens when it goes.
         if self._mmap is not None:
@@ -224,22 +238,30 @@ def try_lock(fd: int, byte: int) -> bool:
     return True
 
 
-def lock(fd: int, byte: int, timeout: float, what: str) -> None:
-    """Take the exclusive OFD lock on *byte*, waiting up to *timeout* seconds.
+def lock_within(fd: int, byte: int, timeout: float) -> bool:
+    """Take the exclusive OFD lock on *byte*, waiting up to *timeout* seconds; whether we did.
 
     Only held for microseconds by others, and dropped by the kernel if they die,
     so a short back-off loop is enough; a holder stopped with SIGSTOP is the
     only way to reach the deadline.
-
-    :raises ShmcastError: on timeout.
     """
     deadline = time.monotonic() + timeout
     delay = 0.0001
     while not try_lock(fd, byte):
         if time.monotonic() > deadline:
-            raise ShmcastError(f"timed out after {timeout} s waiting for the {what}")
+            return False
         time.sleep(delay)
         delay = min(delay * 2, 0.01)
+    return True
+
+
+def lock(fd: int, byte: int, timeout: float, what: str) -> None:
+    """Take the exclusive OFD lock on *byte*, waiting up to *timeout* seconds.
+
+    :raises ShmcastError: on timeout.
+    """
+    if not lock_within(fd, byte, timeout):
+        raise ShmcastError(f"timed out after {timeout} s waiting for the {what}")
 
 
 def unlock(fd: int, byte: int) -> None:
@@ -247,9 +269,41 @@ def unlock(fd: int, byte: int) -> None:
     _lock_op(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
 
 
+@contextlib.contextmanager
+def locked(fd: int, byte: int, timeout: float, what: str) -> Iterator[None]:
+    """Hold the OFD lock on *byte* for the block (see :func:`lock`).
+
+    :raises ShmcastError: if it stays taken for *timeout* seconds.
+    """
+    lock(fd, byte, timeout, what)
+    try:
+        yield
+    finally:
+        unlock(fd, byte)
+
+
 def is_locked(fd: int, byte: int) -> bool:
     """Whether another open file description holds a lock on *byte*."""
     return _lock_op(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+
+
+# The pure-Python ring orders its stores and loads only by program order, which
+# x86-64 keeps for other cores (total store order); aarch64 and ppc64le may not.
+_STRONG_MEMORY = frozenset({"x86_64", "amd64"})
+
+
+def check_memory_model(machine: str | None = None) -> None:
+    """Refuse to run the seqlock on a CPU whose memory model could tear events.
+
+    :raises ShmcastError: on anything but x86-64.
+    """
+    machine = platform.machine() if machine is None else machine
+    if machine.lower() not in _STRONG_MEMORY:
+        raise ShmcastError(
+            f"shmcast's pure-Python rings rely on x86-64's memory ordering; this CPU is "
+            f"{machine or 'unknown'}, on which a subscriber could accept a torn event, so "
+            "shmcast refuses to create or attach a bus here"
+        )
 
 
 class _ForkAware(Protocol):
@@ -274,6 +328,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 __all__ = [
     "ENTRY_LOCK_BASE",
+    "check_memory_model",
+    "lock_within",
+    "locked",
     "PUBLISHER_LOCK",
     "RECLAIM_LOCK",
     "REGISTRY_LOCK",

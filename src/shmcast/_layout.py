@@ -1,16 +1,19 @@
 """Byte layout of a bus's shared memory: struct formats, offsets and bounds-checked parsing.
 
 No I/O happens here, so everything can be tested on a ``bytearray``. All
-integers are little-endian; every 8-byte field is 8-byte aligned, which makes
-its load and store a single instruction on x86-64 and aarch64 (``struct``
-packs a standard-size ``<Q`` with a fixed-size ``memcpy`` on little-endian
-hosts), so a concurrent reader never sees half of one.
+integers are little-endian and naturally aligned. A field another process may
+read while it changes is only ever stored through a ``memoryview.cast("Q")``
+or ``cast("I")`` of the segment, at the indexes named below: one aligned store
+each, so a concurrent reader sees the old value or the new one. Never through
+``struct.pack_into``, which zero-fills the whole struct before it writes
+(readers then see 0 for a field only ever set to 1 or 2). ``struct`` is used
+only to lay out memory nobody else can see yet.
 
 Control segment ``/dev/shm/shmcast.NAME``::
 
     off  size  field                    written by
     0    8     magic b"SHMCAST\\0"      publisher, last step of creation
-    8    4     layout version (1)       publisher
+    8    4     layout version (2)       publisher
     12   4     header size (128)        publisher
     16   8     nonce                    publisher (random; names the rings)
     24   4     publisher pid            publisher
@@ -18,7 +21,7 @@ Control segment ``/dev/shm/shmcast.NAME``::
     32   4     default ring slots       publisher
     36   4     slot size (payload max)  publisher
     40   4     max subscribers          publisher
-    44   4     overflow 0 overwrite, 1 drop_new
+    44   4     overflow policy (_ring.Overflow: 0 overwrite, 1 drop_new)
     48   4     mode (permission bits)   publisher
     52   4     registry entry size (64) publisher
     56   8     created, time.time()     publisher
@@ -26,19 +29,23 @@ Control segment ``/dev/shm/shmcast.NAME``::
     96   8     version: last assigned   publisher
     104  8     drops of departed subscribers   publisher
     112  8     registry epoch           subscribers, under the registry lock
-    120  8     reserved
+    120  4     max publishers (reserved, 0)
+    124  4     reserved
     128  64*M  registry, one entry per subscriber place
 
-Registry entry (64 bytes), written only by the subscriber that holds the
-entry's owner lock::
+Registry entry (64 bytes). The first half is written only by the subscriber
+that holds the entry's place lock, the second only by the publisher::
 
-    0    4     state 0 free, 1 joining, 2 active, 3 left
-    4    4     subscriber pid
-    8    8     ring id (random; names the ring)
-    16   4     ring slots
+    0    4     state 0 free, 1 joining, 2 active, 3 left     subscriber
+    4    4     subscriber pid                                subscriber
+    8    8     ring id (random; names the ring)              subscriber
+    16   4     ring slots                                    subscriber
     20   4     reserved
-    24   8     joined, time.time()
-    32   32    reserved
+    24   8     joined, time.time()                           subscriber
+    32   4     served: 0 not yet, 1 served, 2 retrying, 3 refused   publisher
+    36   4     errno of the last failure to serve it         publisher
+    40   8     missed: events published while active, unserved      publisher
+    48   16    reserved
 
 Ring segment ``/dev/shm/shmcast.NAME.<nonce>.<ring id>`` (one per subscriber,
 created by it); the publisher's and the subscriber's fields sit on separate
@@ -57,7 +64,7 @@ cache lines::
     80   8     end: 0 open, 1 bus closed       publisher
     88   40    reserved
     128  8     r: events consumed so far       subscriber
-    136  8     skipped (overwritten unread)    subscriber
+    136  8     delivered (r minus those lost)  subscriber
     144  48    reserved
     192  ...   slots, each ``stride`` bytes
 
@@ -77,7 +84,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from ._errors import ShmcastError
+from ._errors import BusNotFoundError, ShmcastError
 from ._names import (
     MAX_CODEC_NAME,
     MAX_RING_BYTES,
@@ -87,7 +94,7 @@ from ._names import (
     MAX_TYPE_BYTES,
 )
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 # Control segment.
 CONTROL_MAGIC = b"SHMCAST\x00"
@@ -103,8 +110,12 @@ STATE_CLOSED = 2
 ENTRY = struct.Struct("<IIQI4xd")
 ENTRY_SIZE = 64
 ENTRY_FREE, ENTRY_JOINING, ENTRY_ACTIVE, ENTRY_LEFT = 0, 1, 2, 3
+# The publisher's half of an entry.
+SERVED_OFF = 32  # u32
+ERRNO_OFF = 36  # u32
+MISSED_OFF = 40  # u64
+SERVE_PENDING, SERVE_OK, SERVE_RETRYING, SERVE_REFUSED = 0, 1, 2, 3
 
-OVERFLOW_MODES = ("overwrite", "drop_new")
 
 # Ring segment.
 RING_MAGIC = b"SHMCRING"
@@ -114,7 +125,7 @@ W_OFF = 64
 REJECTED_OFF = 72
 END_OFF = 80
 R_OFF = 128
-SKIPPED_OFF = 136
+DELIVERED_OFF = 136
 END_OPEN = 0
 END_BUS_CLOSED = 1
 
@@ -126,6 +137,28 @@ U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
 TWO_U64 = struct.Struct("<QQ")
 
+# Indexes of the shared scalars in the segments' ``cast("Q")`` and ``cast("I")``
+# views: every store to a field another process reads goes through these.
+Q_MAGIC = 0
+I_STATE = STATE_OFF // 4
+Q_VERSION = VERSION_OFF // 8
+Q_RETIRED = RETIRED_OFF // 8
+Q_EPOCH = EPOCH_OFF // 8
+Q_W, Q_REJECTED, Q_END, Q_R, Q_DELIVERED = (
+    o // 8 for o in (W_OFF, REJECTED_OFF, END_OFF, R_OFF, DELIVERED_OFF))
+CONTROL_MAGIC_Q = int.from_bytes(CONTROL_MAGIC, "little")
+RING_MAGIC_Q = int.from_bytes(RING_MAGIC, "little")
+
+
+def entry_q(index: int, field_off: int) -> int:
+    """Index in the control segment's ``cast("Q")`` view of a u64 field of entry *index*."""
+    return (entry_offset(index) + field_off) // 8
+
+
+def entry_i(index: int, field_off: int) -> int:
+    """Index in the control segment's ``cast("I")`` view of a u32 field of entry *index*."""
+    return (entry_offset(index) + field_off) // 4
+
 
 class Geometry(NamedTuple):
     """What the control header says about the bus."""
@@ -136,7 +169,7 @@ class Geometry(NamedTuple):
     slots: int
     slot_size: int
     max_subscribers: int
-    overflow: str
+    overflow: int  # an _ring.Overflow code, checked by whoever applies it
     mode: int
     created: float
     codec: str
@@ -180,7 +213,7 @@ def pack_control_header(
     slots: int,
     slot_size: int,
     max_subscribers: int,
-    overflow: str,
+    overflow: int,
     mode: int,
     created: float,
     codec: str,
@@ -188,18 +221,22 @@ def pack_control_header(
     """Write a complete control header, magic last, so a half-written one never parses."""
     CONTROL_HEADER.pack_into(
         buf, 0, b"\x00" * 8, LAYOUT_VERSION, CONTROL_HEADER_SIZE, nonce, pid, STATE_OPEN,
-        slots, slot_size, max_subscribers, OVERFLOW_MODES.index(overflow), mode,
+        slots, slot_size, max_subscribers, overflow, mode,
         ENTRY_SIZE, created, codec.encode("ascii"),
     )
-    buf[0:8] = CONTROL_MAGIC
+    memoryview(buf).cast("B").cast("Q")[Q_MAGIC] = CONTROL_MAGIC_Q
 
 
 def parse_control_header(buf: bytes | bytearray | memoryview, size: int) -> Geometry:
     """Read and check a control header against the segment's real *size*.
 
+    :raises BusNotFoundError: if the segment is empty or its magic is still zero:
+        its creator has not finished (or died before it did).
     :raises ShmcastError: if the segment is not a shmcast bus of this layout
         version, or its geometry is impossible.
     """
+    if size == 0 or (size >= 8 and bytes(buf[0:8]) == b"\x00" * 8):
+        raise BusNotFoundError("the bus is still being created")
     if size < CONTROL_HEADER_SIZE:
         raise ShmcastError(
             f"not a shmcast bus: segment is {size} bytes, a control header needs "
@@ -224,8 +261,6 @@ def parse_control_header(buf: bytes | bytearray | memoryview, size: int) -> Geom
         problems.append(f"rings of {slots} slots of {slot_size} bytes")
     if not 1 <= max_subs <= MAX_SUBSCRIBERS or control_size(max_subs) > size:
         problems.append(f"max_subscribers {max_subs} in a {size}-byte segment")
-    if overflow >= len(OVERFLOW_MODES):
-        problems.append(f"overflow mode {overflow}")
     if state not in (STATE_OPEN, STATE_CLOSED):
         problems.append(f"state {state}")
     try:
@@ -236,8 +271,8 @@ def parse_control_header(buf: bytes | bytearray | memoryview, size: int) -> Geom
         problems.append(f"codec name {codec!r}")
     if problems:
         raise ShmcastError("corrupt shmcast bus header: " + ", ".join(problems))
-    return Geometry(nonce, pid, state, slots, slot_size, max_subs, OVERFLOW_MODES[overflow],
-                    mode & 0o777, created, codec_name)
+    return Geometry(nonce, pid, state, slots, slot_size, max_subs, overflow, mode & 0o777,
+                    created, codec_name)
 
 
 def read_entry(buf: bytes | bytearray | memoryview, index: int) -> Entry:
@@ -251,7 +286,7 @@ def pack_ring_header(
     """Write a ring header, magic last."""
     RING_HEADER.pack_into(buf, 0, b"\x00" * 8, LAYOUT_VERSION, slots, slot_size,
                           slot_stride(slot_size), nonce, ring_id)
-    buf[0:8] = RING_MAGIC
+    memoryview(buf).cast("B").cast("Q")[Q_MAGIC] = RING_MAGIC_Q
 
 
 def check_ring_header(
@@ -271,28 +306,48 @@ def check_ring_header(
 
 
 __all__ = [
+    "SERVE_REFUSED",
+    "SERVE_RETRYING",
+    "SERVE_OK",
+    "SERVE_PENDING",
+    "ENTRY_LEFT",
+    "ENTRY_ACTIVE",
+    "ENTRY_JOINING",
+    "ENTRY_FREE",
+    "Q_DELIVERED",
+    "Q_R",
+    "Q_END",
+    "Q_REJECTED",
+    "Q_W",
+    "CONTROL_HEADER",
     "CONTROL_HEADER_SIZE",
     "CONTROL_MAGIC",
-    "ENTRY",
-    "ENTRY_ACTIVE",
-    "ENTRY_FREE",
-    "ENTRY_JOINING",
-    "ENTRY_LEFT",
-    "ENTRY_SIZE",
+    "CONTROL_MAGIC_Q",
+    "DELIVERED_OFF",
     "END_BUS_CLOSED",
     "END_OFF",
     "END_OPEN",
+    "ENTRY",
+    "ENTRY_SIZE",
     "EPOCH_OFF",
+    "ERRNO_OFF",
     "Entry",
     "Geometry",
+    "I_STATE",
     "LAYOUT_VERSION",
-    "OVERFLOW_MODES",
+    "MISSED_OFF",
+    "Q_EPOCH",
+    "Q_MAGIC",
+    "Q_RETIRED",
+    "Q_VERSION",
     "REJECTED_OFF",
     "RETIRED_OFF",
+    "RING_HEADER",
     "RING_HEADER_SIZE",
     "RING_MAGIC",
+    "RING_MAGIC_Q",
     "R_OFF",
-    "SKIPPED_OFF",
+    "SERVED_OFF",
     "SLOT_BODY_OFF",
     "SLOT_HEADER",
     "SLOT_HEADER_SIZE",
@@ -306,7 +361,9 @@ __all__ = [
     "W_OFF",
     "check_ring_header",
     "control_size",
+    "entry_i",
     "entry_offset",
+    "entry_q",
     "pack_control_header",
     "pack_ring_header",
     "parse_control_header",

@@ -1,7 +1,8 @@
 """One subscriber's ring: a single-writer, single-reader seqlock ring that never blocks the writer.
 
-The writer (the publisher) owns ``w`` and each slot's ``seq``; the reader (the
-subscriber) owns ``r`` and ``skipped``. Neither ever waits for the other:
+The writer (the publisher) owns ``w``, ``rejected`` and each slot's ``seq``; the
+reader (the subscriber) owns ``r`` and ``delivered``. Neither ever waits for the
+other:
 
 * The writer marks a slot odd (``2i+1``) before it overwrites it and even
   (``2i+2``) after, then publishes ``w = i+1``.
@@ -14,27 +15,33 @@ subscriber) owns ``r`` and ``skipped``. Neither ever waits for the other:
 Drops are a function of the shared counters, so the same number is seen from
 both sides without any shared read-modify-write::
 
-    dropped = rejected + skipped + max(0, w - slots - r)   # last term: overwrite only
+    dropped = rejected + (r - delivered) + max(0, w - slots - r)   # last term: overwrite only
 
 where ``w - slots - r`` counts the unread events already overwritten that the
-reader has not yet stepped over. The functions here touch nothing but the
-buffer they are given.
+reader has not yet stepped over. Stepping over lost events moves ``r`` alone,
+one store, so a reader killed at any instant leaves a sum that is right (an
+event it was killed while reading counts as lost, which it is). The functions
+here touch nothing but the buffer they are given.
+
+The overflow policy lives here too (:class:`Overflow`): the layout stores its
+index, the writer applies it, and the drop formula depends on it.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from typing import Any
 
 from ._layout import (
-    END_OFF,
-    R_OFF,
-    REJECTED_OFF,
+    Q_DELIVERED,
+    Q_END,
+    Q_R,
+    Q_REJECTED,
+    Q_W,
     RING_HEADER_SIZE,
-    SKIPPED_OFF,
     SLOT_HEADER,
     SLOT_HEADER_SIZE,
-    W_OFF,
     slot_stride,
 )
 from ._names import MAX_TYPE_BYTES
@@ -43,15 +50,44 @@ _perf_counter = time.perf_counter
 
 # 8-byte fields are read and written through a ``memoryview.cast("Q")`` of the
 # ring: one aligned 8-byte copy each, and several times cheaper than
-# ``struct.pack_into`` on the hot paths. These are their indexes in that view.
-_W, _REJECTED, _END, _R, _SKIPPED = (o // 8 for o in (W_OFF, REJECTED_OFF, END_OFF, R_OFF,
-                                                       SKIPPED_OFF))
+# ``struct.pack_into`` on the hot paths.
+_W, _REJECTED, _END, _R, _DELIVERED = Q_W, Q_REJECTED, Q_END, Q_R, Q_DELIVERED
 _hdr_unpack = SLOT_HEADER.unpack_from
 
 # Payloads up to this size are sent as one copy with their header (joining them
 # once per publish is cheaper than a second copy per ring); larger ones are
 # copied straight from the caller's bytes into each ring.
 INLINE_MAX = 1024
+
+
+class Overflow(enum.Enum):
+    """What a full ring (or a full feed) does with a new event; either way one drop counts."""
+
+    OVERWRITE = "overwrite"  #: lose the oldest unread event
+    DROP_NEW = "drop_new"  #: reject the new event (the Go eventbus semantics)
+
+    @classmethod
+    def parse(cls, value: object) -> Overflow:
+        """The policy named *value* (a name or an Overflow).
+
+        :raises ValueError: for anything else.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            names = tuple(m.value for m in cls)
+            raise ValueError(f"overflow must be one of {names}, got {value!r}") from None
+
+    @property
+    def code(self) -> int:
+        """Its number in the control header."""
+        return list(Overflow).index(self)
+
+    @classmethod
+    def from_code(cls, code: int) -> Overflow | None:
+        """The policy stored as *code*, None if there is none."""
+        members = list(cls)
+        return members[code] if 0 <= code < len(members) else None
 
 
 def frame(version: int, timestamp: float, type_: bytes, data: bytes) -> tuple[bytes, bytes]:
@@ -96,10 +132,11 @@ def write_all(writers: list[RingWriter], head: bytes, tail: bytes) -> None:
             sem.release()
 
 
-def drops(*, w: int, rejected: int, r: int, skipped: int, slots: int, overwrite: bool) -> int:
+def drops(*, w: int, rejected: int, r: int, delivered: int, slots: int,
+          overwrite: bool) -> int:
     """Events a ring's reader lost so far, from its counters (clamped against garbage)."""
     r = min(max(r, 0), w)
-    lost = rejected + min(max(skipped, 0), w)
+    lost = rejected + r - min(max(delivered, 0), r)
     if overwrite:
         lost += max(0, w - slots - r)
     return lost
@@ -139,7 +176,7 @@ class RingWriter:
     def drops(self) -> int:
         """What the reader lost so far."""
         q = self.q
-        return drops(w=self.w, rejected=self.rejected, r=q[_R], skipped=q[_SKIPPED],
+        return drops(w=self.w, rejected=self.rejected, r=q[_R], delivered=q[_DELIVERED],
                      slots=self.slots, overwrite=self.overwrite)
 
 
@@ -147,7 +184,7 @@ class RingWriter:
 class RingReader:
     """The subscriber's end of one ring."""
 
-    __slots__ = ("buf", "corrupt", "overwrite", "q", "r", "skipped", "slot_size", "slots",
+    __slots__ = ("buf", "corrupt", "delivered", "overwrite", "q", "r", "slot_size", "slots",
                  "stride")
 
     def __init__(self, buf: memoryview, slots: int, slot_size: int, overwrite: bool) -> None:
@@ -158,8 +195,8 @@ class RingReader:
         self.stride = slot_stride(slot_size)
         self.overwrite = overwrite
         # The reader owns these: a fresh ring starts at zero whatever its bytes say.
-        self.r = self.skipped = 0
-        q[_R] = q[_SKIPPED] = 0
+        self.r = self.delivered = 0
+        q[_R] = q[_DELIVERED] = 0
         self.corrupt = 0  # slots skipped because their header was impossible
 
     def release(self) -> None:
@@ -202,7 +239,6 @@ class RingReader:
             if r >= w:
                 return None
             if w - r > slots:  # lapped: the oldest unread were overwritten
-                self.skipped += w - slots - r
                 r = w - slots
             off = RING_HEADER_SIZE + (r % slots) * self.stride
             want = 2 * r + 2
@@ -214,32 +250,32 @@ class RingReader:
                     type_ = bytes(buf[p : p + lt])
                     data = bytes(buf[p + lt : p + lt + ld])
                     if q[off >> 3] == want:
-                        self.r = r = r + 1
-                        q[_R] = r
-                        q[_SKIPPED] = self.skipped
+                        # r first: killed between the two, the event counts as lost.
+                        self.r = q[_R] = r + 1
+                        self.delivered = q[_DELIVERED] = self.delivered + 1
                         return version, timestamp, type_, data
                 elif q[off >> 3] == want:
                     self.corrupt += 1  # impossible lengths in a slot nobody is writing
             elif seq < want:
                 self.corrupt += 1  # the writer publishes seq before w, so this is garbage
-            # Lapped mid-copy, or garbage: count it as dropped and move on.
-            self.skipped += 1
-            self.r = r = r + 1
-            q[_R] = r
-            q[_SKIPPED] = self.skipped
+            # Lapped mid-copy, or garbage: step over it, which counts it as dropped.
+            self.r = q[_R] = r + 1
 
     def discard(self) -> None:
-        """Count the event last returned by read() as dropped and corrupt (it would not decode)."""
-        self.corrupt += 1
-        self.skipped += 1
-        self.q[_SKIPPED] = self.skipped
+        """Count the event last returned by read() as dropped (it would not decode)."""
+        self.delivered = self.q[_DELIVERED] = self.delivered - 1
+
+    def unread(self, limit: int | None = None) -> bool:
+        """Whether an event may be ready (cheap: one load)."""
+        w = self.q[_W]
+        return (w if limit is None else min(w, limit)) > self.r
 
     def drops(self, limit: int | None = None) -> int:
         """What this reader lost so far, counting overwritten events it has not reached yet."""
         q = self.q
         w = q[_W] if limit is None else min(q[_W], limit)
-        return drops(w=w, rejected=q[_REJECTED], r=self.r, skipped=self.skipped,
+        return drops(w=w, rejected=q[_REJECTED], r=self.r, delivered=self.delivered,
                      slots=self.slots, overwrite=self.overwrite)
 
 
-__all__ = ["INLINE_MAX", "RingReader", "RingWriter", "drops", "frame", "write_all"]
+__all__ = ["INLINE_MAX", "Overflow", "RingReader", "RingWriter", "drops", "frame", "write_all"]

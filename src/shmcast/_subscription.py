@@ -3,33 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
 from typing import Any, NoReturn
 
 import posix_ipc
 
 from . import _ipc, _registry
 from ._codecs import Codec, for_subscriber
-from ._errors import BusNotFoundError, ShmcastError, StreamClosed, TooManySubscribersError
+from ._errors import (
+    BusNotFoundError,
+    BusPermissionError,
+    DecodeError,
+    Reason,
+    ShmcastError,
+    StreamClosed,
+    TooManySubscribersError,
+)
 from ._event import Event, make_event
 from ._layout import (
-    CONTROL_HEADER_SIZE,
-    ENTRY_JOINING,
-    ENTRY_LEFT,
+    I_STATE,
+    SERVE_OK,
+    SERVE_PENDING,
+    SERVE_REFUSED,
     STATE_CLOSED,
-    Entry,
     control_size,
     pack_ring_header,
     parse_control_header,
-    read_entry,
     ring_size,
 )
 from ._names import (
@@ -42,10 +45,12 @@ from ._names import (
     ring_name,
     touch,
 )
-from ._ring import RingReader
+from ._ring import Overflow, RingReader
+from ._stream import Stream, wake_futures
 
-# A blocked get() wakes this often to check that the publisher is alive: the
-# contract ends a dead publisher's streams within 2 s. It costs one fcntl call.
+# A blocked get() wakes this often to check that the publisher is alive (the
+# contract ends a dead publisher's streams within 2 s) and that it serves our
+# ring (a subscriber it cannot serve must learn it within 2 s).
 LIVENESS_PERIOD = 0.5
 
 # How long get() watches the ring before it sleeps, when the previous event was
@@ -53,46 +58,83 @@ LIVENESS_PERIOD = 0.5
 # futex call of several microseconds; an idle subscriber never spins.
 SPIN_SECONDS = 50e-6
 
+# The finalizer at interpreter exit waits at most this long for a thread that
+# holds the lock (it only ever holds it for microseconds).
+_EXIT_LOCK_TIMEOUT = 1.0
+
 
 class _Reader:
-    """Everything a Subscription owns; kept apart so a finalizer can release it."""
+    """Everything a Subscription owns, and all its state; kept apart so a finalizer can end it.
 
-    def __init__(self, name: str, slots: int | None, codec: object) -> None:
+    Locking: ``lock`` is reentrant so that unsubscribe() from a signal handler,
+    while the interrupted code of the same thread is inside a call, gets it at
+    once. Nothing is unmapped or closed while a thread may use it: ``users``
+    counts the threads reading the ring or sleeping on its semaphore outside
+    the lock, and the last one out releases the handles once the stream has
+    ended. (Closing a semaphore a thread is blocked on made glibc write to an
+    unmapped page: SIGSEGV at exit.) The lock is replaced in the child of a
+    fork(): a parent thread holding it does not exist there.
+    """
+
+    def __init__(self, name: str, slots: int | None, codec: object, owner: int | None) -> None:
         self.name = name
         self.pid = os.getpid()
-        self.forked = False  # set in the child of a fork(): the subscription is the parent's
+        self.forked = False
+        self.lock = threading.RLock()
+        self.users = 0  # threads using the ring or the semaphore outside the lock
+        self.sleepers = 0  # of those, the ones blocked on the semaphore
+        self.reason: Reason | None = None  # why the stream ends, once it is known
+        self.limit: int | None = None  # ring index the stream ends at, once unsubscribed
+        self.ended = False  # StreamClosed raised: the handles go when the last user leaves
+        self.released = False
+        self.left = False
+        self.final_dropped = 0
+        self.frozen_missed: int | None = None
+        self.served = False
+        self.next_check = time.monotonic() + LIVENESS_PERIOD
+        self.streak = False  # the last poll found an event without waiting
+        self.types: dict[bytes, str] = {}
+        self.futures: set[asyncio.Future[None]] = set()
+        self.pump: threading.Thread | None = None
+        self.pump_cv = threading.Condition(threading.Lock())
+        self.ring: _ipc.Segment | None = None
+        self.sem: posix_ipc.Semaphore | None = None
+        self.reader: RingReader | None = None
+        self.place: _registry.Place | None = None
+        self.views: _registry.Views | None = None
+        self.nonce = 0
+        self.parsed = False  # a bus header was read: not a bus still being created
         try:
-            ctrl = _ipc.Segment.open(control_name(name),
+            ctrl = _ipc.Segment.open(control_name(name), 0,
                                      max_size=control_size(MAX_SUBSCRIBERS))
         except FileNotFoundError:
             raise BusNotFoundError(f"no bus named {name!r} on this host") from None
-        self.ctrl: _ipc.Segment | None = ctrl
-        self.ring: _ipc.Segment | None = None
-        self.sem: posix_ipc.Semaphore | None = None
-        self.index: int | None = None
-        self.reader: RingReader | None = None
-        self.nonce = 0
-        self.ring_id = 0
+        self.ctrl = ctrl
         try:
-            self._attach(slots, codec)
+            self._attach(slots, codec, owner)
         except BaseException:
-            self.release(unregister=True)
+            self._leave()
+            self._release()
             raise
         _ipc.track_fork(self)
 
     def after_fork_in_child(self) -> None:
         self.forked = True
+        self.lock = threading.RLock()
+        self.pump_cv = threading.Condition(threading.Lock())
 
-    def _attach(self, slots: int | None, codec: object) -> None:
+    def _attach(self, slots: int | None, codec: object, owner: int | None) -> None:
         ctrl = self.ctrl
-        if ctrl is None:
-            raise ShmcastError("subscription already released")
-        if ctrl.size < CONTROL_HEADER_SIZE:
-            raise ShmcastError(
-                f"/dev/shm{ctrl.name} is not a shmcast bus: {ctrl.size} bytes, "
-                f"a bus header needs {CONTROL_HEADER_SIZE}"
+        # Before reading a byte of it: a segment another user made could say anything.
+        want = os.geteuid() if owner is None else owner
+        got = ctrl.owner()
+        if got != want:
+            raise BusPermissionError(
+                f"bus {self.name!r} belongs to uid {got}, not {want}: pass owner={got} to "
+                "subscribe only if you trust that user"
             )
         geometry = parse_control_header(ctrl.buf, ctrl.size)
+        self.parsed = True
         if geometry.state == STATE_CLOSED:
             raise BusNotFoundError(f"bus {self.name!r} is closed")
         if not _registry.publisher_alive(ctrl):
@@ -100,6 +142,9 @@ class _Reader:
                 f"bus {self.name!r} is dead: its publisher (pid {geometry.pid}) exited "
                 "without closing it"
             )
+        policy = Overflow.from_code(geometry.overflow)
+        if policy is None:
+            raise ShmcastError(f"corrupt shmcast bus header: overflow mode {geometry.overflow}")
         self.codec: Codec = for_subscriber(geometry.codec, codec)
         self.loads = self.codec.loads
         if slots is None:
@@ -109,327 +154,356 @@ class _Reader:
         if size > MAX_RING_BYTES:
             raise ValueError(f"a ring of {slots} slots of {geometry.slot_size} bytes is too large")
         self.nonce = geometry.nonce
-        self.index = _registry.claim_place(ctrl, geometry.max_subscribers)
-        if self.index is None:
+        self.views = _registry.Views(ctrl)
+        self.place = _registry.join(self.views, self.name, self.nonce, geometry.max_subscribers,
+                                    slots, self.pid, secrets.randbits(64) | 1)
+        if self.place is None:
             raise TooManySubscribersError(
                 f"bus {self.name!r} has all its {geometry.max_subscribers} places taken"
             )
-        previous = read_entry(ctrl.buf, self.index).ring_id
-        if previous:
-            # The place's last holder left or died; if it died, its names are ours to remove.
-            _registry.unlink_ring(self.name, self.nonce, previous)
-        self.ring_id = secrets.randbits(64) | 1
-        # The ring id goes into the entry before the ring exists, so whoever
-        # cleans up after us (if we die now) knows the names to remove.
-        _registry.write_entry(ctrl, self.index,
-                              Entry(ENTRY_JOINING, self.pid, self.ring_id, slots, time.time()))
-        rname = ring_name(self.name, self.nonce, self.ring_id)
+        rname = ring_name(self.name, self.nonce, self.place.ring_id)
         self.ring = _ipc.Segment.create(rname, size, geometry.mode)
         pack_ring_header(self.ring.buf, slots=slots, slot_size=geometry.slot_size,
-                         nonce=self.nonce, ring_id=self.ring_id)
+                         nonce=self.nonce, ring_id=self.place.ring_id)
+        self.ring.drop_fd()  # the mapping is all we need; fds are a limited resource
         self.sem = _ipc.create_semaphore(rname, geometry.mode)
         self.reader = RingReader(self.ring.buf, slots, geometry.slot_size,
-                                 geometry.overflow == "overwrite")
-        if not _registry.activate(ctrl, self.index):
+                                 policy is Overflow.OVERWRITE)
+        if not _registry.activate(self.views, self.place.index):
             raise BusNotFoundError(f"bus {self.name!r} is closed")
 
-    def leave(self) -> None:
-        """Give up our place in the registry and our ring's names; keep the mapping to drain."""
-        ctrl = self.ctrl
-        if ctrl is None or self.forked:
-            return
-        self.ctrl = None
-        if self.index is not None:
-            _registry.set_state(ctrl, self.index, ENTRY_LEFT)
-            # If the registry lock is stuck, the publisher's periodic scan sees
-            # the place freed instead.
-            with contextlib.suppress(ShmcastError):
-                _registry.bump_epoch(ctrl)
-        if self.ring_id:
-            _registry.unlink_ring(self.name, self.nonce, self.ring_id)
-        if not _registry.publisher_alive(ctrl):
-            _registry.reclaim_dead_bus(ctrl, self.name)
-        ctrl.close()  # releases our place: another subscriber may take it now
+    # Reading (lock held).
+    def next_event(self) -> Event | None:
+        """The next event, None if there is none yet; StreamClosed at the end."""
+        if self.ended or self.forked:
+            self.raise_ended()
+        reader = self.reader
+        if reader is None:
+            self.raise_ended()
+        item = reader.read(self.limit)
+        if item is None:
+            item = self._nothing_ready(reader)
+            if item is None:
+                return None
+        version, timestamp, tb, data = item
+        type_ = self.types.get(tb)
+        if type_ is None:
+            type_ = tb.decode("utf-8", "replace")
+            if len(self.types) < 1024:
+                self.types[tb] = type_
+        if self.sleepers and reader.unread(self.limit):
+            _ipc.wake(self.sem)  # pass the wake-up on to another waiting thread
+        try:
+            payload = self.loads(data)
+        except Exception as e:
+            reader.discard()
+            raise DecodeError(
+                f"event {version} ({type_!r}) on bus {self.name!r} does not decode with the "
+                f"{self.codec.name} codec: {e!r}", version, type_, data) from e
+        return make_event(type_, payload, version, timestamp, data)
 
-    def release(self, unregister: bool = False) -> None:
-        """Free every OS handle (idempotent); with *unregister*, leave the registry first."""
+    def _nothing_ready(self, reader: RingReader) -> tuple[int, float, bytes, bytes] | None:
+        """Find out whether the stream ended (StreamClosed), is unserved (ShmcastError) or
+        is merely quiet (None). May return an event after all: one written just before
+        the end mark."""
+        item = None
+        if self.reason is None:
+            # The end mark is written after the last event: once we see it, a
+            # second read sees every event written before it.
+            if reader.ended():
+                self.reason = StreamClosed.BUS_CLOSED
+                item = reader.read(self.limit)
+            elif time.monotonic() >= self.next_check:
+                self.next_check = time.monotonic() + LIVENESS_PERIOD
+                if not _registry.publisher_alive(self.ctrl):
+                    closed = self.views is not None and self.views.i[I_STATE] == STATE_CLOSED
+                    self.reason = StreamClosed.BUS_CLOSED if closed else \
+                        StreamClosed.PUBLISHER_DIED
+                    item = reader.read(self.limit)  # what it wrote before it went
+                elif not self.served:
+                    self._check_service()
+        if item is None and self.reason is not None:
+            self._end()
+            self.raise_ended()
+        return item
+
+    def _check_service(self) -> None:
+        if self.views is None or self.place is None:
+            return
+        status, err, _ = _registry.service(self.views, self.place.index, self.place.ring_id)
+        if status == SERVE_OK:
+            self.served = True
+        elif status != SERVE_PENDING:
+            why = os.strerror(err) if err else "its ring is malformed"
+            later = "for good" if status == SERVE_REFUSED else "until that clears"
+            raise ShmcastError(
+                f"the publisher of bus {self.name!r} cannot serve this subscriber ({why}): "
+                f"events published meanwhile are counted as dropped, {later}"
+            )
+
+    def missed(self) -> int:
+        if self.frozen_missed is not None:
+            return self.frozen_missed
+        if self.views is None or self.place is None or self.released:
+            return 0
+        return _registry.service(self.views, self.place.index, self.place.ring_id).missed
+
+    def dropped(self) -> int:
+        if self.ended or self.reader is None:
+            return self.final_dropped
+        return self.reader.drops(self.limit) + self.missed()
+
+    def raise_ended(self) -> NoReturn:
         if self.forked:
-            return  # a forked copy: the subscription is not ours to end
-        ctrl = self.ctrl
-        if ctrl is not None:
-            self.ctrl = None
-            if self.index is not None and unregister:
-                _registry.set_state(ctrl, self.index, ENTRY_LEFT)
-            if self.ring_id:
-                _registry.unlink_ring(self.name, self.nonce, self.ring_id)
-            if not _registry.publisher_alive(ctrl):
-                _registry.reclaim_dead_bus(ctrl, self.name)
-            ctrl.close()
+            raise ShmcastError(
+                f"this subscription belongs to process {self.pid}; a forked child must "
+                "subscribe on its own"
+            )
+        raise StreamClosed(self.reason or StreamClosed.UNSUBSCRIBED, self.name)
+
+    # Ending.
+    def unsubscribe(self) -> None:
+        with self.lock:
+            if self.forked or self.reason is not None or self.ended:
+                return
+            self.reason = StreamClosed.UNSUBSCRIBED
+            if self.reader is not None:
+                self.limit = self.reader.written()
+            self.frozen_missed = self.missed()
+            self._leave()
+            self.wake_all()
+
+    def _end(self) -> None:
+        self.ended = True
+        self.final_dropped = (self.reader.drops(self.limit) if self.reader else 0) + self.missed()
+        self._leave()
+        self.wake_all()
+        if self.users == 0:
+            self._release()
+
+    def wake_all(self) -> None:
+        """Wake every thread and task waiting on the stream, so it sees the end."""
+        sem = self.sem
+        if sem is not None and not self.released:
+            for _ in range(max(1, self.sleepers)):
+                sem.release()
+        if self.futures:
+            futures = list(self.futures)
+            self.futures.clear()
+            wake_futures(futures)
+
+    def _leave(self) -> None:
+        """Give up our place and our names at once; the mappings stay for the readers."""
+        if self.left or self.forked:
+            return
+        self.left = True
+        if self.views is not None and self.place is not None:
+            _registry.leave(self.views, self.name, self.nonce, self.place)
+        # A dead bus is removed by whoever notices; one still being created
+        # (no header yet, no publisher lock yet) must be left to its creator.
+        if self.parsed and not _registry.publisher_alive(self.ctrl):
+            _registry.reclaim_dead_bus(self.ctrl, self.name)
+
+    def _release(self) -> None:
+        """Close every handle (no thread uses them any more). Idempotent."""
+        if self.released or self.forked:
+            return
+        self.released = True
         if self.sem is not None:
             self.sem.close()
-            self.sem = None
+        if self.reader is not None:
+            self.reader.release()
         if self.ring is not None:
-            if self.reader is not None:
-                self.reader.release()
             self.ring.close()
-            self.ring = None
+        if self.views is not None:
+            self.views.release()
+        self.ctrl.close()
+
+    def enter(self) -> None:
+        """Note a thread about to use the ring or semaphore outside the lock (lock held)."""
+        self.users += 1
+
+    def exit(self) -> None:
+        """...and its leaving (lock held): the last one out after the end releases."""
+        self.users -= 1
+        if self.ended and self.users == 0:
+            self._release()
+
+    def finalize(self) -> None:
+        """End the subscription when it is collected, or at interpreter exit.
+
+        Threads may still be blocked in it at exit (daemon threads): their
+        handles are then left to the process's end, after every name is gone.
+        """
+        if self.forked:
+            return
+        if not self.lock.acquire(timeout=_EXIT_LOCK_TIMEOUT):
+            return
+        try:
+            if not self.ended:
+                self.ended = True
+                self.final_dropped = self.dropped() if not self.released else 0
+                self._leave()
+                self.wake_all()
+            if self.users == 0:
+                self._release()
+        finally:
+            self.lock.release()
+
+    # The async pump: one thread per subscription that has tasks waiting.
+    async def asleep(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self.lock:
+            if self.ended or self.reason is not None or self.forked:
+                return  # the next poll raises
+            self.futures.add(fut)
+            if self.pump is None:
+                self.pump = threading.Thread(target=self._pump, name=f"shmcast-{self.name}",
+                                             daemon=True)
+                self.pump.start()
+        with self.pump_cv:
+            self.pump_cv.notify()
+        try:
+            await fut
+        finally:
+            self.futures.discard(fut)
+
+    def _pump(self) -> None:
+        """Sleep on the semaphore for the waiting tasks; linger a period, then go."""
+        while True:
+            with self.pump_cv:
+                if not self.futures:
+                    self.pump_cv.wait(LIVENESS_PERIOD)
+            with self.lock:
+                if self.forked:
+                    return
+                if not self.futures or self.ended:
+                    self.pump = None
+                    return
+                self.enter()
+                self.sleepers += 1
+                sem = self.sem
+            try:
+                if sem is not None and not _ipc.wait(sem, LIVENESS_PERIOD):
+                    self.next_check = 0.0
+            finally:
+                with self.lock:
+                    self.sleepers -= 1
+                    futures = list(self.futures)
+                    self.futures.clear()
+                    self.exit()
+            wake_futures(futures)
 
 
-class Subscription:
+class Subscription(Stream):
     """One subscriber's stream of events from a bus; create it with :func:`subscribe`.
 
-    Iterate it (``for`` or ``async for``) or call :meth:`get`. Thread-safe.
+    Iterate it (``for`` or ``async for``) or call :meth:`get`. Thread-safe; see
+    the contract for signal handlers, fork() and exit.
 
     :param name: the bus name.
     :param slots: ring size for this subscriber (default: the bus's).
-    :param codec: required if the bus uses a custom codec: one of the same name.
-    :raises BusNotFoundError: if no live bus has that name.
+    :param codec: required if the bus uses a custom codec (one of the same name)
+        or pickle (``"pickle"``: nothing in a bus header can make a process unpickle).
+    :param owner: the uid whose bus this is, if not the caller's effective uid.
+    :raises BusNotFoundError: if no live bus has that name (or it is still being created).
+    :raises BusPermissionError: if the bus belongs to another user than *owner*.
     :raises TooManySubscribersError: if the bus has no free place.
     :raises ShmcastError: if the segment is not a shmcast bus of this layout, or the
         codec does not match.
     """
 
+    __slots__ = ("__weakref__", "_finalizer", "_r", "name")
+
     def __init__(self, name: str, *, slots: int | None = None,
-                 codec: str | Codec | None = None) -> None:
+                 codec: str | Codec | None = None, owner: int | None = None) -> None:
         check_name(name)
+        if owner is not None:
+            check_int("owner", owner, 0, 2**32 - 1)
+        _ipc.check_memory_model()
         touch(name)
-        self._r = _Reader(name, slots, codec)
-        if self._r.reader is None:  # _Reader raises rather than leave this unset
-            raise ShmcastError(f"could not attach to bus {name!r}")
-        self._reader: RingReader = self._r.reader
-        self._loads = self._r.loads
-        self._types: dict[bytes, str] = {}
-        self._streak = False  # the last get() found an event without waiting
-        self._lock = threading.Lock()
-        self._reason: str | None = None  # why the stream ends, once it is known
-        self._limit: int | None = None  # ring index the stream ends at, once unsubscribed
-        self._ended = False  # StreamClosed raised: every handle may go
-        self._waiters = 0
-        self._final_dropped = 0
-        self._next_check = time.monotonic() + LIVENESS_PERIOD
-        self._executor: ThreadPoolExecutor | None = None
-        self._finalizer = weakref.finalize(self, self._r.release, True)
+        self.name = name
+        self._r = _Reader(name, slots, codec, owner)
+        self._finalizer = weakref.finalize(self, self._r.finalize)
 
-    @property
-    def name(self) -> str:
-        """The bus name."""
-        return self._r.name
-
-    # Reading.
-    def _next(self) -> Event | None:
-        """The next event, None if there is none yet; StreamClosed at the end. Lock held."""
-        if self._ended or self._r.forked:
-            self._raise_ended()
-        while True:
-            item = self._reader.read(self._limit)
-            if item is None:
-                item = self._check_end()
-                if item is None:
-                    return None
-            version, timestamp, tb, data = item
-            type_ = self._types.get(tb)
-            if type_ is None:
-                type_ = tb.decode("utf-8", "replace")
-                if len(self._types) < 1024:
-                    self._types[tb] = type_
+    # What Stream builds on.
+    def _poll(self) -> Event | None:
+        r = self._r
+        with r.lock:
+            r.users += 1
             try:
-                payload = self._loads(data)
-            except Exception:  # noqa: BLE001 - bytes the codec cannot read: a counted drop
-                self._reader.discard()
-                continue
-            return make_event(type_, payload, version, timestamp, data)
-
-    def _check_end(self) -> tuple[int, float, bytes, bytes] | None:
-        """Nothing to read: find out whether the stream ended (StreamClosed) or not (None).
-
-        May return an event after all: one published just before the end mark.
-        """
-        reader = self._reader
-        item = None
-        if self._reason is None:
-            # The end mark is written after the last event: once we see it, a
-            # second read sees every event written before it.
-            if reader.ended():
-                self._reason = StreamClosed.BUS_CLOSED
-                item = reader.read(self._limit)
-            elif time.monotonic() >= self._next_check:
-                self._next_check = time.monotonic() + LIVENESS_PERIOD
-                ctrl = self._r.ctrl
-                if ctrl is not None and not _registry.publisher_alive(ctrl):
-                    self._reason = StreamClosed.PUBLISHER_DIED
-                    item = reader.read(self._limit)  # what it wrote before dying
-        if item is None and self._reason is not None:
-            self._end()
-            self._raise_ended()
-        return item
-
-    def _raise_ended(self) -> NoReturn:
-        r = self._r
-        if r.forked:
-            raise ShmcastError(
-                f"this subscription belongs to process {r.pid}; a forked child must subscribe "
-                "on its own"
-            )
-        raise StreamClosed(self._reason or StreamClosed.UNSUBSCRIBED, r.name)
-
-    def _end(self) -> None:
-        r = self._r
-        self._ended = True
-        self._final_dropped = self._reader.drops(self._limit)
-        r.leave()
-        if self._waiters == 0:
-            self._finalizer()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-
-    def get(self, timeout: float | None = None) -> Event:
-        """The next event, waiting up to *timeout* seconds (forever if None).
-
-        :raises TimeoutError: if no event arrives in time.
-        :raises StreamClosed: once the stream ended and its buffered events were delivered.
-        """
-        with self._lock:
-            event = self._next()
+                event = r.next_event()
+            finally:
+                r.exit()
         if event is not None:
-            self._streak = True
-            return event
-        if timeout is not None:
-            if timeout < 0:
-                raise ValueError("timeout must be non-negative")
-            if timeout == 0:
-                raise TimeoutError(f"no event ready on bus {self._r.name!r}")
-            deadline = time.monotonic() + timeout
-        if self._streak:
-            # Events were arriving back to back: one may be a few microseconds
-            # away, and catching it awake spares the publisher a futex wake-up.
-            self._streak = False
-            self._reader.poll(SPIN_SECONDS)
-        while True:
-            with self._lock:
-                event = self._next()
-                if event is not None:
-                    return event
-                if timeout is None:
-                    wait = LIVENESS_PERIOD
-                else:
-                    wait = min(deadline - time.monotonic(), LIVENESS_PERIOD)
-                    if wait <= 0:
-                        raise TimeoutError(f"no event on bus {self._r.name!r} within {timeout} s")
-                self._waiters += 1
-            self._wait(wait)
+            r.streak = True
+        return event
 
-    def get_nowait(self) -> Event:
-        """The next event if one is ready.
-
-        :raises TimeoutError: if none is.
-        :raises StreamClosed: once the stream ended and its buffered events were delivered.
-        """
-        return self.get(0)
-
-    def _wait(self, timeout: float) -> None:
-        """Sleep on the ring's semaphore (caller registered as a waiter)."""
-        sem = self._r.sem
+    def _sleep(self, timeout: float | None) -> None:
+        r = self._r
+        wait = LIVENESS_PERIOD if timeout is None else min(timeout, LIVENESS_PERIOD)
+        with r.lock:
+            if r.ended or r.forked:
+                return  # the next poll raises
+            r.enter()
+            sem = r.sem
+            reader = r.reader
+            spin = r.streak
+            if not spin:
+                r.sleepers += 1
         try:
-            if sem is not None and not _ipc.wait(sem, timeout):
-                self._next_check = 0.0  # a quiet slice: check the publisher next
+            if spin:
+                # Events were arriving back to back: one may be a few microseconds
+                # away, and catching it awake spares the publisher a futex wake-up.
+                r.streak = False
+                if reader is not None:
+                    reader.poll(SPIN_SECONDS)
+            elif sem is not None and not _ipc.wait(sem, wait):
+                r.next_check = 0.0  # a quiet slice: check the publisher next
         finally:
-            with self._lock:
-                self._waiters -= 1
-                if self._ended and self._waiters == 0:
-                    self._finalizer()
+            with r.lock:
+                if not spin:
+                    r.sleepers -= 1
+                r.exit()
 
-    def __iter__(self) -> Iterator[Event]:
-        lock = self._lock
-        next_ready = self._next
-        while True:
-            try:
-                with lock:
-                    event = next_ready()
-                if event is None:
-                    event = self.get()
-            except StreamClosed:
-                return
-            yield event
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self
-
-    async def __anext__(self) -> Event:
-        """The next event without blocking the event loop; StopAsyncIteration at the end."""
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._lock:
-                try:
-                    event = self._next()
-                except StreamClosed:
-                    raise StopAsyncIteration from None
-                if event is not None:
-                    return event
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="shmcast-wait")
-                self._waiters += 1
-                executor = self._executor
-            try:
-                await loop.run_in_executor(executor, self._wait, LIVENESS_PERIOD)
-            except RuntimeError:
-                # The executor was shut down by a concurrent unsubscribe.
-                with self._lock:
-                    self._waiters -= 1
-                    if self._ended and self._waiters == 0:
-                        self._finalizer()
+    async def _asleep(self) -> None:
+        await self._r.asleep()
 
     # Ending.
     def unsubscribe(self) -> None:
         """Leave the bus; the stream ends after the events already buffered. Idempotent.
 
-        Threads blocked in :meth:`get` or iterating return within 100 ms.
+        No event published after it returned is delivered. Threads blocked in
+        :meth:`get` or iterating return within 100 ms. Safe from any thread and
+        from a signal handler.
         """
-        with self._lock:
-            r = self._r
-            if self._reason is not None or self._ended or r.forked:
-                return
-            self._reason = StreamClosed.UNSUBSCRIBED
-            self._limit = self._reader.written()
-            r.leave()
-            sem = r.sem
-            if sem is not None:
-                for _ in range(max(1, self._waiters)):
-                    sem.release()
-
-    close = unsubscribe
+        self._r.unsubscribe()
 
     @property
     def dropped(self) -> int:
         """Events this subscriber lost, counted when they are overwritten or rejected."""
-        with self._lock:
-            if self._ended or self._r.ring is None:
-                return self._final_dropped
-            return self._reader.drops(self._limit)
+        r = self._r
+        with r.lock:
+            return r.dropped()
 
     @property
     def closed(self) -> bool:
         """Whether the stream has ended or is ending (unsubscribed, bus closed, publisher died)."""
-        return self._reason is not None or self._ended
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.unsubscribe()
+        return self._r.reason is not None or self._r.ended
 
     def __reduce__(self) -> Any:
         raise TypeError("a Subscription cannot be pickled: subscribe in the other process")
 
     def __repr__(self) -> str:
-        state = f"ended ({self._reason})" if self._reason else "open"
-        return f"<shmcast.Subscription {self._r.name!r} {state}>"
+        reason = self._r.reason
+        state = f"ended ({reason})" if reason else "open"
+        return f"<shmcast.Subscription {self.name!r} {state}>"
 
 
-def subscribe(name: str, *, slots: int | None = None,
-              codec: str | Codec | None = None) -> Subscription:
+def subscribe(name: str, *, slots: int | None = None, codec: str | Codec | None = None,
+              owner: int | None = None) -> Subscription:
     """Attach to the bus *name*; see :class:`Subscription`."""
-    return Subscription(name, slots=slots, codec=codec)
-
+    return Subscription(name, slots=slots, codec=codec, owner=owner)
 
 __all__ = ["Subscription", "subscribe"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shmcast import ShmcastError
+from shmcast import BusNotFoundError, ShmcastError
 from shmcast._layout import (
     CONTROL_HEADER,
     CONTROL_HEADER_SIZE,
@@ -24,12 +24,13 @@ from shmcast._layout import (
     parse_control_header,
     ring_size,
 )
+from shmcast._ring import Overflow
 
 
 def header(**over: object) -> bytearray:
     buf = bytearray(control_size(4))
     args: dict[str, object] = {"nonce": 7, "pid": 123, "slots": 8, "slot_size": 100,
-                               "max_subscribers": 4, "overflow": "drop_new", "mode": 0o640,
+                               "max_subscribers": 4, "overflow": 1, "mode": 0o640,
                                "created": 1.5, "codec": "json"}
     args.update(over)
     pack_control_header(buf, **args)  # type: ignore[arg-type]
@@ -47,7 +48,7 @@ def test_struct_sizes_fit_the_documented_table() -> None:
 def test_round_trip() -> None:
     g = parse_control_header(header(), control_size(4))
     assert (g.nonce, g.pid, g.slots, g.slot_size, g.max_subscribers, g.overflow, g.mode,
-            g.codec) == (7, 123, 8, 100, 4, "drop_new", 0o640, "json")
+            g.codec) == (7, 123, 8, 100, 4, 1, 0o640, "json")
 
 
 @pytest.mark.parametrize(
@@ -57,7 +58,6 @@ def test_round_trip() -> None:
         (lambda b: U32.pack_into(b, 8, 99), "layout version 99"),
         (lambda b: U32.pack_into(b, 32, 0), "slots 0"),
         (lambda b: U32.pack_into(b, 40, 10_000), "max_subscribers"),
-        (lambda b: U32.pack_into(b, 44, 7), "overflow"),
         (lambda b: b.__setitem__(slice(64, 96), b"\xff" * 32), "codec"),
     ],
 )
@@ -70,7 +70,23 @@ def test_rejects_corrupt_headers(mutate: object, message: str) -> None:
 
 def test_rejects_short_segment() -> None:
     with pytest.raises(ShmcastError, match="bytes"):
-        parse_control_header(bytearray(16), 16)
+        parse_control_header(b"x" * 16, 16)
+
+
+@pytest.mark.parametrize("size", [0, 16, CONTROL_HEADER_SIZE, control_size(4)])
+def test_empty_or_zero_segment_is_a_bus_being_created(size: int) -> None:
+    # A creator fills the header and stores the magic last: until then the
+    # segment is empty or zero, and a subscriber must hear "not found".
+    with pytest.raises(BusNotFoundError, match="being created"):
+        parse_control_header(bytearray(size), size)
+
+
+def test_overflow_policy_has_one_home() -> None:
+    assert [Overflow.from_code(p.code) for p in Overflow] == list(Overflow)
+    assert Overflow.from_code(len(Overflow)) is None
+    assert Overflow.parse("drop_new") is Overflow.DROP_NEW
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        Overflow.parse("newest")
 
 
 def test_magic_written_last() -> None:
