@@ -340,7 +340,7 @@ def test_too_large_json_event_is_a_value_error(bus_name):
 def test_unencodable_payload_raises_codec_error_and_publishes_nothing(
         bus_name, codec, payload, errors):
     ok = b"ok" if codec == "raw" else "ok"
-    with Bus(bus_name, codec=codec) as bus, subscribe(bus_name) as sub:
+    with Bus(bus_name, codec=codec) as bus, subscribe(bus_name, codec=codec) as sub:
         assert bus.publish("t", ok) == 1
         with pytest.raises(errors):
             bus.publish("t", payload)
@@ -433,7 +433,7 @@ def test_default_payload_is_none(bus_name):
 
 def test_pickle_codec_roundtrip(bus_name):
     payload = {"t": (1, 2), "s": {1, 2}, "b": b"\x00\xff", "d": datetime.datetime(2020, 1, 2)}
-    with Bus(bus_name, codec="pickle") as bus, subscribe(bus_name) as sub:
+    with Bus(bus_name, codec="pickle") as bus, subscribe(bus_name, codec="pickle") as sub:
         bus.publish("p", payload)
         ev = sub.get(timeout=5)
         assert ev.payload == payload
