@@ -26,6 +26,7 @@ from ._errors import (
 from ._event import Event, make_event
 from ._layout import (
     I_STATE,
+    Q_VERSION,
     SERVE_OK,
     SERVE_PENDING,
     SERVE_REFUSED,
@@ -270,8 +271,11 @@ class _Reader:
             if self.reader is not None:
                 self.limit = self.reader.written()
             self.frozen_missed = self.missed()
-            self._leave()
-            self.wake_all()
+            if self.reader is None or not self.reader.unread(self.limit):
+                self._end()  # nothing left to deliver: the handles go now, not at gc
+            else:
+                self._leave()
+                self.wake_all()
 
     def _end(self) -> None:
         self.ended = True
@@ -491,6 +495,14 @@ class Subscription(Stream):
     def closed(self) -> bool:
         """Whether the stream has ended or is ending (unsubscribed, bus closed, publisher died)."""
         return self._r.reason is not None or self._r.ended
+
+    def _bus_version(self) -> int:
+        """The bus's last assigned version, from its control segment (0 once released)."""
+        r = self._r
+        with r.lock:
+            if r.released or r.forked or r.views is None:
+                return 0
+            return int(r.views.q[Q_VERSION])
 
     def __reduce__(self) -> Any:
         raise TypeError("a Subscription cannot be pickled: subscribe in the other process")
