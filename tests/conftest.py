@@ -1,27 +1,38 @@
-"""Fixtures for the whole suite: a unique bus name per test and a /dev/shm leak check."""
+"""Fixtures for the whole suite: a unique bus name per test and a /dev/shm leak check.
+
+Also puts this directory on ``sys.path``, so that every test module (and the
+helper modules of each tier) can ``from _support import ...``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import sys
 import time
-import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-SHM = "/dev/shm"
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:  # whatever pytest's import mode
+    sys.path.insert(0, _TESTS_DIR)
 
+from _support import DEV_SHM as SHM  # noqa: E402
+from _support import shm_entries  # noqa: E402
 
-def _ours(tag: str) -> set[str]:
-    return {entry for entry in os.listdir(SHM) if tag in entry}
+# Every bus_name begins with this (the plugin's shmcast_bus_name, in this process).
+_NAME_TAG = f"pytest-{os.getpid()}-"
 
 
 @pytest.fixture
-def bus_name() -> str:
-    """A bus name no other test (or xdist worker) uses."""
-    return f"t{os.getpid()}-{uuid.uuid4().hex[:12]}"
+def bus_name(shmcast_bus_name: str) -> str:
+    """A bus name no other test (or xdist worker) uses: the shmcast plugin's
+    ``shmcast_bus_name`` (so ``shmcast_bus``, if a test also asks for it, is this bus)."""
+    assert shmcast_bus_name.startswith(_NAME_TAG), shmcast_bus_name
+    return shmcast_bus_name
 
 
 _GLIBC_TEMP = re.compile(r"sem\.[A-Za-z0-9]{6}")
@@ -52,16 +63,19 @@ def _glibc_sem_temp_cleanup() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _shm_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+def _shm_leak_check(shmcast_leak_check: None) -> Iterator[None]:
     """Fail a test that leaves shmcast objects of its own in /dev/shm.
 
-    Only entries that appeared during the test and carry this worker's pid tag
-    (every bus_name does) count, so parallel workers never blame each other.
+    The plugin's ``shmcast_leak_check`` covers every bus this process created
+    or subscribed to; this adds the buses named after ``bus_name`` that only
+    child processes touched. Only entries that appeared during the test and
+    carry this worker's pid tag (every bus_name does) count here, so parallel
+    workers never blame each other; they are removed even when the test fails.
     """
-    tag = f"shmcast.t{os.getpid()}-"
-    before = _ours(tag)
+    tag = f"shmcast.{_NAME_TAG}"
+    before = set(shm_entries(tag))
     yield
-    leaked = _ours(tag) - before
+    leaked = set(shm_entries(tag)) - before
     for entry in leaked:  # leave /dev/shm as we found it even when failing
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(SHM, entry))

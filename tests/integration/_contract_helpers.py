@@ -40,7 +40,24 @@ from pathlib import Path
 from typing import Any
 
 HELPERS_DIR = str(Path(__file__).resolve().parent)
-DEV_SHM = "/dev/shm"
+# tests/, for tests/_support.py: on sys.path in pytest (tests/conftest.py), and put
+# there for the children too, which get here through HELPERS_DIR (python-c) or
+# their parent's sys.path (spawn).
+TESTS_DIR = str(Path(__file__).resolve().parent.parent)
+if TESTS_DIR not in sys.path:
+    sys.path.append(TESTS_DIR)
+
+from _support import (  # noqa: E402
+    DEV_SHM,
+    follows_naming_rule,
+    kill_popen,
+    proc_state,
+    reap,
+    remove_bus_entries,
+    shm_entries,
+    wait_until,
+)
+
 METHODS = ("fork", "spawn", "python-c")
 
 # Scheduling slack added to the contract's deadlines (1 s for reaping a dead
@@ -49,56 +66,18 @@ METHODS = ("fork", "spawn", "python-c")
 SLACK = 0.25
 
 
-# --------------------------------------------------------------------------- waiting
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str | Callable[[], str] = "",
-               interval: float = 0.005):
-    """Poll *pred* until it returns a truthy value (returned) or fail after *timeout* seconds.
-
-    *what* describes the condition in the failure message; a callable is called
-    at failure time (to show the state then).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            desc = what() if callable(what) else what
-            raise AssertionError(f"not true within {timeout:.2f}s: {desc or pred!r}")
-        time.sleep(interval)
-
-
 # --------------------------------------------------------------------------- /dev/shm
 
-
-def bus_entries(name: str) -> list[str]:
-    """Entries of /dev/shm that mention the bus name at all (names from bus_name are unique)."""
-    return sorted(e for e in os.listdir(DEV_SHM) if name in e)
+# Entries of /dev/shm that mention the bus name at all (names from bus_name are
+# unique): wider than the naming rule, so that test_dev_shm_naming sees an object
+# named against it.
+bus_entries = shm_entries
+# Unlink every /dev/shm entry of *our own* test bus *name*; returns what was removed.
+remove_own_entries = remove_bus_entries
 
 
 def control_path(name: str) -> str:
     return os.path.join(DEV_SHM, f"shmcast.{name}")
-
-
-def follows_naming_rule(entry: str, name: str) -> bool:
-    """``shmcast.NAME`` itself, or any object whose name contains ``shmcast.NAME.``.
-
-    POSIX semaphores show up in /dev/shm as ``sem.<name>``, hence "contains".
-    """
-    return entry == f"shmcast.{name}" or f"shmcast.{name}." in entry
-
-
-def remove_own_entries(name: str) -> list[str]:
-    """Unlink every /dev/shm entry of *our own* test bus *name*; returns what was removed."""
-    removed = []
-    for entry in os.listdir(DEV_SHM):
-        if follows_naming_rule(entry, name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(DEV_SHM, entry))
-                removed.append(entry)
-    return removed
 
 
 def reclaim(name: str) -> None:
@@ -109,15 +88,6 @@ def reclaim(name: str) -> None:
 
     with contextlib.suppress(Exception):
         shmcast.Bus(name).close()
-
-
-def proc_state(pid: int) -> str:
-    """One-letter process state from /proc (``T`` stopped, ``Z`` zombie...), ``?`` if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return "?"
 
 
 # --------------------------------------------------------------------------- payloads
@@ -408,18 +378,18 @@ class Child:
 
     def cleanup(self) -> None:
         """Kill (by pid) if still running, reap, close pipes. Safe to call twice."""
-        if self.pid > 0 and self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
         if self._popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._popen.wait(10)
+                kill_popen(self._popen)
             for t in self._threads:
                 t.join(5)
             for f in (self._popen.stdin, self._popen.stdout, self._popen.stderr):
                 with contextlib.suppress(Exception):
                     f.close()  # type: ignore[union-attr]
         elif self._proc is not None:
+            if self.pid > 0 and self.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             self._proc.join(10)
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -775,18 +745,13 @@ def role_fork_harness(chan: Any, name: str) -> None:
         ready, _, _ = select.select([r], [], [], timeout)
         return os.read(r, 100).decode() if ready else "<timeout>"
 
-    def reap(pid: int, timeout: float = 10.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                os.close(readers.pop(pid))
-                return os.waitstatus_to_exitcode(status)
-            time.sleep(0.005)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(readers.pop(pid))
-        return -999
+    def reap_child(pid: int, timeout: float = 10.0) -> int:
+        try:
+            return reap(pid, timeout)
+        except AssertionError:  # it hung: SIGKILLed and reaped
+            return -999
+        finally:
+            os.close(readers.pop(pid))
 
     # (1) publish from the forked child, then drop the inherited Bus.
     holder = [bus]
@@ -807,7 +772,7 @@ def role_fork_harness(chan: Any, name: str) -> None:
         return outcome
 
     pid = fork_child(publisher_child)
-    out["publish_child_exit"] = reap(pid)
+    out["publish_child_exit"] = reap_child(pid)
     out["after1_control_exists"] = os.path.exists(ctl)
     out["after1_version"] = bus.version
 
@@ -821,7 +786,7 @@ def role_fork_harness(chan: Any, name: str) -> None:
     pid = fork_child(reader_child)
     out["reader_ready"] = wait_line(pid)
     out["v1"] = bus.publish("n", {"n": 1})
-    out["reader_child_exit"] = reap(pid)
+    out["reader_child_exit"] = reap_child(pid)
     out["after2_control_exists"] = os.path.exists(ctl)
 
     # (3) a forked subscriber that unsubscribes, then exits normally.
@@ -831,7 +796,7 @@ def role_fork_harness(chan: Any, name: str) -> None:
         return 0
 
     pid = fork_child(unsub_child)
-    out["unsub_child_exit"] = reap(pid)
+    out["unsub_child_exit"] = reap_child(pid)
     out["after3_control_exists"] = os.path.exists(ctl)
 
     # The bus must still work in the harness.

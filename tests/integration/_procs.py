@@ -1,26 +1,18 @@
-"""Helpers for tests that start processes: bounded waits and kill-by-pid cleanup."""
+"""Helpers for tests that start processes: ``python -c`` children killed by pid.
+
+``wait_until`` is tests/_support.py's, re-exported for the tests that import it from here.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
-               what: str = "condition") -> None:
-    """Poll *predicate* until true; fail the test after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
+from _support import kill_popen, wait_until
 
 
 class Child:
@@ -51,11 +43,8 @@ class Child:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        """SIGKILL the child by pid and reap it."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        """SIGKILL the child by pid (unless it already exited) and reap it."""
+        kill_popen(self.proc)
 
 
 @contextlib.contextmanager
@@ -74,3 +63,6 @@ def python(code: str, *, ready: str | None = "ready") -> Iterator[Child]:
         child._reader.join(5)
         child.proc.stdout.close()  # type: ignore[union-attr]
         child.proc.stderr.close()  # type: ignore[union-attr]
+
+
+__all__ = ["Child", "python", "wait_until"]

@@ -18,15 +18,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from _support import bus_entries, wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-SHM = Path("/dev/shm")
 
 
 def require(*modules: str) -> None:
@@ -34,25 +35,8 @@ def require(*modules: str) -> None:
         pytest.importorskip(module)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def bus_entries(bus: str) -> list[str]:
-    """Everything of bus `bus` in /dev/shm (segments and semaphores)."""
-    out = []
-    for entry in os.listdir(SHM):
-        name = entry.removeprefix("sem.")
-        if name == f"shmcast.{bus}" or name.startswith(f"shmcast.{bus}."):
-            out.append(entry)
-    return sorted(out)
+# How often the waits here poll: they read logs, scan /proc and make HTTP requests.
+POLL = 0.05
 
 
 def children_of(pid: int) -> set[int]:
@@ -167,7 +151,7 @@ class Gunicorn:
             return m and m.group(1)
 
         try:
-            self.url = wait_until(listening, timeout, "gunicorn to listen")
+            self.url = wait_until(listening, timeout, "gunicorn to listen", POLL)
             self.wait_workers(self.workers, timeout)
         except BaseException:
             with contextlib.suppress(AssertionError):
@@ -227,7 +211,7 @@ class Gunicorn:
 
         # workers notice the dead master within ~1 s and exit
         with contextlib.suppress(AssertionError):
-            wait_until(lambda: not children_of(self.pid), 5, "orphaned workers")
+            wait_until(lambda: not children_of(self.pid), 5, "orphaned workers", POLL)
         with contextlib.suppress(Exception):
             Bus(self.bus).close()  # a stale bus of a dead publisher is reclaimed
 
@@ -325,6 +309,7 @@ class SSEClient(threading.Thread):
             lambda: len([e for e in list(self.events) if where(e)]) >= n and self.events,
             timeout,
             f"{n} events at {self.url}",
+            POLL,
         )
 
     def by_conn(self) -> dict[int, list[SSEEvent]]:
@@ -503,6 +488,7 @@ def _wait_snapshot_with(client: SSEClient, pids: set[int], timeout: float) -> No
         ),
         timeout,
         f"a snapshot listing workers {sorted(pids)}",
+        POLL,
     )
 
 
@@ -532,6 +518,7 @@ def scenario_worker_killed_and_reload(example: str, bus: str, tmp_path: Path) ->
                 ),
                 10,
                 "subscriber_count back to 3",
+                POLL,
             )
             mark = max(c.events[-1].id for c in clients)
 
@@ -647,6 +634,7 @@ def scenario_quiet_bus(example: str, bus: str, tmp_path: Path) -> None:
                 lambda: sum(c == "keepalive" for _, c in list(client.comments)) >= 3,
                 5,
                 "keepalive comments",
+                POLL,
             )
         finally:
             client.stop()

@@ -25,17 +25,14 @@ from typing import Any
 import pytest
 from _procs import Child, python, wait_until
 
+from _support import DEV_SHM as SHM
+from _support import bus_entries as entries
+from _support import kill_popen, proc_state
 from shmcast import Bus
 
 pytestmark = pytest.mark.timeout(60)
 
-SHM = "/dev/shm"
 EPOCH_OFF = 112  # registry epoch in the control header (see _layout.py)
-
-
-def entries(name: str) -> list[str]:
-    """This bus's objects in /dev/shm (control segment, rings, semaphores)."""
-    return sorted(e for e in os.listdir(SHM) if e == f"shmcast.{name}" or f"shmcast.{name}." in e)
 
 
 def rings_of(name: str) -> list[str]:
@@ -73,9 +70,7 @@ def shmcast_many(*argvs: Sequence[str], module: bool = True,
             done.append(subprocess.CompletedProcess(list(argv), proc.returncode, out, err))
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            kill_popen(proc)
     return done
 
 
@@ -134,10 +129,7 @@ class Cli:
         return rc
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        kill_popen(self.proc)
         for stream in (self.proc.stdout, self.proc.stderr):
             assert stream is not None
             stream.close()
@@ -201,15 +193,7 @@ def read_until(child: Child, last: str | Callable[[str], bool], timeout: float =
 
 def stop(pid: int) -> None:
     os.kill(pid, signal.SIGSTOP)
-    wait_until(lambda: _proc_state(pid) in ("T", "t"), 10, f"pid {pid} stopped")
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "?"
+    wait_until(lambda: proc_state(pid) in ("T", "t"), 10, f"pid {pid} stopped")
 
 
 def stat_json(name: str, *extra: str) -> dict[str, Any]:
@@ -330,9 +314,7 @@ def test_stat_watch_refreshes_until_ctrl_c(bus_name: str):
             proc.send_signal(signal.SIGINT)
             assert proc.wait(20) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            kill_popen(proc)
             os.close(master)
             assert proc.stderr is not None
             proc.stderr.close()
@@ -632,9 +614,7 @@ def test_demo_prints_progress_and_a_final_table():
     try:
         out, err = proc.communicate(timeout=50)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_popen(proc)
     assert proc.returncode == 0, out + err
     lines = out.splitlines()  # text mode turned the progress line's \r into line breaks
     assert any(line.startswith("published    3000/3000 ") for line in lines)

@@ -17,14 +17,9 @@ import pytest
 from _procs import python, wait_until
 
 import shmcast
+from _support import DEV_SHM as SHM
+from _support import bus_entries as entries
 from shmcast import Bus, BusExistsError, ShmcastError, StreamClosed, subscribe
-
-SHM = "/dev/shm"
-
-
-def entries(name: str) -> list[str]:
-    return sorted(e for e in os.listdir(SHM)
-                  if e in (f"shmcast.{name}",) or f"shmcast.{name}." in e)
 
 
 def test_objects_are_named_after_the_bus_with_the_mode(bus_name: str) -> None:
@@ -86,7 +81,7 @@ time.sleep(30)
             assert time.monotonic() - start < 2
         finally:
             os.kill(grandchild, signal.SIGKILL)
-    wait_until(lambda: entries(bus_name) == [], what="dead bus reclaimed")
+    wait_until(lambda: entries(bus_name) == [], 5, "dead bus reclaimed")
 
 
 def test_stale_bus_is_reclaimed_and_old_subscription_cannot_touch_new_bus(bus_name: str) -> None:
@@ -124,8 +119,8 @@ def test_killed_subscriber_frees_its_place_and_its_ring(bus_name: str) -> None:
         with subscribe(bus_name) as sub:
             bus.publish("x", 2)
             assert sub.get(timeout=1).payload == 2
-        wait_until(lambda: (bus.publish("x", 0), len(entries(bus_name)) == 1)[1],
-                   what="dead subscriber's ring unlinked")
+        wait_until(lambda: (bus.publish("x", 0), len(entries(bus_name)) == 1)[1], 5,
+                   "dead subscriber's ring unlinked")
 
 
 def test_publish_is_bounded_with_a_stopped_subscriber(bus_name: str) -> None:
@@ -162,7 +157,7 @@ def test_unsubscribe_from_another_thread_wakes_a_blocked_get(bus_name: str) -> N
 
         thread = threading.Thread(target=reader)
         thread.start()
-        wait_until(lambda: result == [1], what="first event")
+        wait_until(lambda: result == [1], 5, "first event")
         time.sleep(0.05)  # let the reader block in get()
         start = time.monotonic()
         sub.unsubscribe()

@@ -1,5 +1,7 @@
 """Helpers for the stress, fuzz and soak tests: forked children, bounded waits, /dev/shm.
 
+The waits and the /dev/shm helpers are tests/_support.py's, re-exported here.
+
 Children are plain ``os.fork()`` children that run one function and leave with
 ``os._exit`` (no pytest teardown, no finalizers run in them). The parent always
 kills them by pid and reaps them in ``finally``, and tests assert their exit
@@ -17,38 +19,15 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
 
-DEV_SHM = "/dev/shm"
-
-
-def bus_entries(name: str) -> list[str]:
-    """/dev/shm entries of bus *name* (control, rings, semaphores); names are unique per test."""
-    return sorted(e for e in os.listdir(DEV_SHM)
-                  if e == f"shmcast.{name}" or f"shmcast.{name}." in e)
-
-
-def remove_bus_entries(name: str) -> list[str]:
-    """Unlink every /dev/shm entry of our own bus *name* (a test's last-resort cleanup)."""
-    removed = []
-    for entry in bus_entries(name):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(DEV_SHM, entry))
-            removed.append(entry)
-    return removed
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str = "",
-               interval: float = 0.002) -> Any:
-    """Poll *pred* until truthy (returned) or fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not true within {timeout:.2f}s: {what or pred!r}")
-        time.sleep(interval)
+from _support import (
+    DEV_SHM,
+    bus_entries,
+    kill_and_reap,
+    reap,
+    remove_bus_entries,
+    wait_until,
+)
 
 
 def fork_child(body: Callable[[], int | None]) -> int:
@@ -102,23 +81,20 @@ class Children:
         return pid
 
     def reap(self, pid: int, timeout: float = 10.0) -> int:
-        """Wait for *pid* to exit; its exit code (-signal if killed). Fails after *timeout*."""
-        deadline = time.monotonic() + timeout
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                self.pids.discard(pid)
-                return os.waitstatus_to_exitcode(status)
-            if time.monotonic() >= deadline:
-                self.kill(pid)
-                raise AssertionError(f"child {pid} did not exit within {timeout}s")
-            time.sleep(0.001)
+        """Wait for *pid* to exit; its exit code (-signal if killed). Fails after *timeout*
+        (the child SIGKILLed and reaped)."""
+        try:
+            return reap(pid, timeout)
+        finally:
+            self.pids.discard(pid)
 
     def kill(self, pid: int, timeout: float = 10.0) -> int:
         """SIGKILL *pid* and reap it; its exit code (-9 unless it had already exited)."""
         assert pid in self.pids, f"{pid} is not an unreaped child of this test"
-        os.kill(pid, signal.SIGKILL)
-        return self.reap(pid, timeout)
+        try:
+            return kill_and_reap(pid, timeout)
+        finally:
+            self.pids.discard(pid)
 
     def __enter__(self) -> Children:
         return self
