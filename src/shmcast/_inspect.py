@@ -7,28 +7,23 @@ without taking one. (The publisher holds lock byte 0 of the control segment
 for the bus's life; each subscriber holds the lock byte of its registry place;
 the kernel drops both when their holder dies.)
 
-:func:`plan_clean` and :func:`clean` are the only writers: they remove the
-names of buses whose publisher is dead (through
-:func:`shmcast._registry.reclaim_dead_bus`, the same code a new publisher of
-that name runs), of rings whose subscriber is dead, and of orphan rings that
-no live bus refers to and no process has open or mapped.
+Cleaning is in :mod:`shmcast._clean`; what touches the OS (read-only maps,
+/dev/shm, /proc) is in :mod:`shmcast._ipc`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import mmap
 import os
 import re
 import stat as stat_mod
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from . import _ipc, _registry
+from . import _registry
 from ._errors import BusNotFoundError, ShmcastError
+from ._ipc import SHM_DIR, ReadOnlySegment, list_shm, open_readonly, process_state, shm_path
 from ._layout import (
     CONTROL_HEADER_SIZE,
     ENTRY_ACTIVE,
@@ -52,76 +47,15 @@ from ._layout import (
     read_entry,
     slot_stride,
 )
-from ._names import PREFIX, check_name, control_name, ring_name
+from ._names import check_name, control_name, ring_name
 from ._ring import Overflow
 from ._ring import drops as ring_drops
 
-SHM_DIR = "/dev/shm"
 _BUS_RE = re.compile(r"shmcast\.([A-Za-z0-9_-]{1,64})")
 _RING_RE = re.compile(r"(sem\.)?shmcast\.([A-Za-z0-9_-]{1,64})\.([0-9a-f]{16})\.([0-9a-f]{16})")
 _GLOB_CHARS = frozenset("*?[")
 
-# A control segment whose header is still all zeros may be a bus being created
-# (the publisher writes the header right after it takes its lock): only one
-# older than this is taken for the remains of a publisher that died creating it.
-CREATION_GRACE = 5.0
-
 _ENTRY_STATES = {ENTRY_JOINING: "joining", ENTRY_ACTIVE: "active", ENTRY_LEFT: "left"}
-
-
-# --------------------------------------------------------------------------- read-only segments
-
-
-class ReadOnlySegment(_ipc.Segment):
-    """A segment opened ``O_RDONLY`` and mapped ``PROT_READ``: it can only be looked at.
-
-    The OFD lock queries of :mod:`shmcast._registry` work on it (``F_OFD_GETLK``
-    needs no write access); taking a lock does not, by design.
-    """
-
-    __slots__ = ()
-
-    def __init__(self, name: str, fd: int, size: int) -> None:
-        self.name = name
-        self.fd = fd
-        self.size = size
-        self.closed = False
-        self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        self.buf = memoryview(self._mmap)
-
-    def __enter__(self) -> ReadOnlySegment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def shm_path(posix_name: str) -> str:
-    """The /dev/shm path of a POSIX shared-memory name: ``/shmcast.x`` -> ``/dev/shm/shmcast.x``."""
-    return SHM_DIR + "/" + posix_name.lstrip("/")
-
-
-def open_readonly(posix_name: str, min_size: int = 1) -> ReadOnlySegment:
-    """Open and map an existing segment read-only.
-
-    :raises FileNotFoundError: if there is no such segment.
-    :raises PermissionError: if we may not read it.
-    :raises ShmcastError: if it is not a regular file or smaller than *min_size*.
-    """
-    path = shm_path(posix_name)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat_mod.S_ISREG(st.st_mode):
-            raise ShmcastError(f"{path}: not a shared-memory segment")
-        if st.st_size < min_size:
-            raise ShmcastError(
-                f"{path}: not a shmcast segment: {st.st_size} bytes, at least {min_size} expected"
-            )
-        return ReadOnlySegment(posix_name, fd, st.st_size)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def open_control(name: str) -> ReadOnlySegment:
@@ -142,17 +76,10 @@ def open_control(name: str) -> ReadOnlySegment:
 # --------------------------------------------------------------------------- listing /dev/shm
 
 
-def _listdir() -> list[str]:
-    try:
-        return os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
-
-
 def bus_names(patterns: Sequence[str] = (), entries: Iterable[str] | None = None) -> list[str]:
     """Names of the buses on this host (``/dev/shm/shmcast.NAME``), sorted, matching *patterns*."""
     names = []
-    for entry in _listdir() if entries is None else entries:
+    for entry in list_shm() if entries is None else entries:
         m = _BUS_RE.fullmatch(entry)
         if m and matches(m.group(1), patterns):
             names.append(m.group(1))
@@ -194,7 +121,7 @@ class RingFile:
 def ring_files(entries: Iterable[str] | None = None) -> dict[tuple[str, int, int], RingFile]:
     """Every ring segment or semaphore in /dev/shm, keyed by ``(bus, nonce, ring id)``."""
     found: dict[tuple[str, int, int], list[tuple[str, os.stat_result]]] = {}
-    for entry in _listdir() if entries is None else entries:
+    for entry in list_shm() if entries is None else entries:
         m = _RING_RE.fullmatch(entry)
         if not m:
             continue
@@ -213,58 +140,6 @@ def ring_files(entries: Iterable[str] | None = None) -> dict[tuple[str, int, int
 
 def _exists(posix_name: str) -> bool:
     return os.path.lexists(shm_path(posix_name))
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def process_state(pid: int) -> str:
-    """What /proc says of *pid*: ``running``, ``stopped``, ``zombie`` or ``gone``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            letter = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "gone"
-    if letter in (b"T", b"t"):
-        return "stopped"
-    if letter in (b"Z", b"X"):
-        return "zombie"
-    return "running"
-
-
-def shm_users(paths: Iterable[str]) -> dict[str, set[int]]:
-    """Which processes have each of *paths* (under /dev/shm) open or mapped.
-
-    Reads ``/proc/PID/maps`` and ``/proc/PID/fd`` of every process we may read
-    (all of them for root, our own otherwise).
-    """
-    wanted = set(paths)
-    users: dict[str, set[int]] = {p: set() for p in wanted}
-    if not wanted:
-        return users
-    me = os.getpid()
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return users
-    for pid in pids:
-        if pid == me:
-            continue
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps", "rb") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6:
-                    path = parts[5].rstrip(b"\n").decode(errors="replace")
-                    if path in wanted:
-                        users[path].add(pid)
-        with contextlib.suppress(OSError):
-            fd_dir = f"/proc/{pid}/fd"
-            for fd in os.listdir(fd_dir):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"{fd_dir}/{fd}")
-                    if target in wanted:
-                        users[target].add(pid)
-    return users
 
 
 # --------------------------------------------------------------------------- reading a bus
@@ -543,7 +418,7 @@ def describe_error(e: BaseException, path: str | None = None) -> str:
 
 def scan(patterns: Sequence[str] = ()) -> list[BusInfo | BadBus]:
     """Every bus on the host matching *patterns*, sorted by name; unreadable ones as BadBus."""
-    entries = _listdir()
+    entries = list_shm()
     rings = ring_files(entries)
     out: list[BusInfo | BadBus] = []
     for name in bus_names(patterns, entries):
@@ -559,252 +434,19 @@ def scan(patterns: Sequence[str] = ()) -> list[BusInfo | BadBus]:
 # --------------------------------------------------------------------------- cleaning
 
 
-@dataclass(frozen=True)
-class CleanAction:
-    """One thing ``clean`` removes (or, for ``kind == "keep"``, deliberately leaves)."""
-
-    kind: str  # "bus", "ring", "orphan" or "keep"
-    bus: str
-    files: tuple[str, ...]  # /dev/shm entries concerned
-    reason: str
-    nonce: int = 0
-    ring_id: int = 0
-    rings: tuple[RingFile, ...] = ()  # for "bus": dead subscribers' rings removed with it
-
-
-def ring_name_of(action: CleanAction) -> str:
-    """The /dev/shm name of the ring a ``ring``, ``orphan`` or ``keep`` action is about."""
-    return ring_name(action.bus, action.nonce, action.ring_id).lstrip("/")
-
-
-def _owned(uid: int) -> bool:
-    return os.geteuid() in (0, uid)
-
-
-def _control_files(name: str) -> tuple[str, ...]:
-    return (PREFIX + name,)
-
-
-def plan_clean(patterns: Sequence[str] = ()) -> list[CleanAction]:
-    """What ``clean`` would do now for the buses matching *patterns*; changes nothing.
-
-    * a bus whose publisher is dead: its control segment and its dead
-      subscribers' rings (rings of live subscribers are theirs to remove);
-    * on a live bus, the ring of a place whose subscriber is dead;
-    * an orphan ring (no control segment of its bus with its nonce refers to
-      it) that no process has open or mapped.
-
-    Only objects owned by the calling user are considered (every one for root).
-    """
-    entries = _listdir()  # rings listed before registries are read: see below
-    rings = {k: v for k, v in ring_files(entries).items() if matches(k[0], patterns)}
-    # Rings some registry entry refers to: they are decided by that entry's lock,
-    # not by the orphan rule. (A subscriber writes its entry before it creates
-    # its ring, so a ring listed above has its entry written by the time we read.)
-    referenced: set[tuple[str, int, int]] = set()
-    actions: list[CleanAction] = []
-    live_nonce: dict[str, int] = {}  # buses that stay
-    dead: set[str] = set()  # buses removed by this plan
-    hands_off: set[str] = set()  # names whose control segment we cannot judge
-
-    for name in bus_names(patterns, entries):
-        path = shm_path(control_name(name))
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if not _owned(st.st_uid):
-            hands_off.add(name)
-            continue
-        try:
-            ctrl = open_readonly(control_name(name))
-        except FileNotFoundError:
-            continue
-        except (OSError, ShmcastError) as e:
-            hands_off.add(name)
-            actions.append(CleanAction("keep", name, _control_files(name),
-                                       describe_error(e, path)))
-            continue
-        with ctrl:
-            alive = _registry.publisher_alive(ctrl)
-            try:
-                g: Geometry | None = parse_control_header(ctrl.buf, ctrl.size)
-            except ShmcastError:
-                g = None
-            if g is None:
-                hands_off.add(name)
-                empty = bytes(ctrl.buf[:8]) == b"\x00" * 8
-                age = time.time() - max(st.st_mtime, st.st_ctime)
-                if not alive and empty and age > CREATION_GRACE:
-                    actions.append(CleanAction(
-                        "bus", name, _control_files(name),
-                        "its publisher died while creating it (empty header)"))
-                else:
-                    actions.append(CleanAction(
-                        "keep", name, _control_files(name),
-                        "being created" if empty else
-                        "not a shmcast bus this version of shmcast understands"))
-                continue
-            dead_rings = []
-            for index in range(g.max_subscribers):
-                # The entry before its lock: if the lock is free after we read a
-                # ring id there, that ring's owner is gone (a newcomer writes a new id).
-                entry = read_entry(ctrl.buf, index)
-                if not entry.ring_id:
-                    continue
-                key = (name, g.nonce, entry.ring_id)
-                held = _registry.place_held(ctrl, index)
-                if key not in rings:
-                    continue
-                if alive:
-                    referenced.add(key)
-                    if not held:
-                        actions.append(CleanAction(
-                            "ring", name, rings[key].files,
-                            f"its subscriber (pid {entry.pid}) is dead", nonce=g.nonce,
-                            ring_id=entry.ring_id))
-                elif not held:
-                    dead_rings.append(rings[key])
-            if alive:
-                live_nonce[name] = g.nonce
-            else:
-                dead.add(name)
-                # Removed with the bus. Its live subscribers' rings stay theirs:
-                # below they are orphans in use, which are left alone.
-                actions.append(CleanAction(
-                    "bus", name, _control_files(name),
-                    f"its publisher (pid {g.pid}) is dead", nonce=g.nonce,
-                    rings=tuple(dead_rings)))
-
-    with_buses = {rf for a in actions if a.kind == "bus" for rf in a.rings}
-    candidates = [rf for key, rf in sorted(rings.items())
-                  if key not in referenced and key[0] not in hands_off and _owned(rf.uid)
-                  and rf not in with_buses]
-    users = shm_users(os.path.join(SHM_DIR, f) for rf in candidates for f in rf.files)
-    for rf in candidates:
-        pids = sorted({pid for f in rf.files for pid in users[os.path.join(SHM_DIR, f)]})
-        if live_nonce.get(rf.bus) == rf.nonce:
-            why = "no registry entry refers to it"
-        elif rf.bus in live_nonce:
-            why = "it belongs to an older bus of that name"
-        elif rf.bus in dead:
-            why = "its bus is dead"
-        else:
-            why = "its bus is gone"
-        if pids:
-            actions.append(CleanAction(
-                "keep", rf.bus, rf.files,
-                f"orphan ({why}) but in use by pid {', '.join(map(str, pids))}",
-                nonce=rf.nonce, ring_id=rf.ring_id))
-        else:
-            actions.append(CleanAction("orphan", rf.bus, rf.files, f"{why}; nobody uses it",
-                                       nonce=rf.nonce, ring_id=rf.ring_id))
-    return actions
-
-
-def _still_dead_ring(action: CleanAction) -> bool:
-    """Re-check, just before removing it, that a live bus's ring belongs to a dead subscriber."""
-    try:
-        ctrl = open_readonly(control_name(action.bus), CONTROL_HEADER_SIZE)
-    except (OSError, ShmcastError):
-        return False
-    with ctrl:
-        try:
-            g = parse_control_header(ctrl.buf, ctrl.size)
-        except ShmcastError:
-            return False
-        if g.nonce != action.nonce:
-            return False
-        for index in range(g.max_subscribers):
-            # The entry before its lock: if the lock is free after we read our
-            # ring id there, that ring's owner is gone (a newcomer writes a new id).
-            if read_entry(ctrl.buf, index).ring_id == action.ring_id:
-                return not _registry.place_held(ctrl, index)
-    return False
-
-
-def _still_orphan(action: CleanAction) -> bool:
-    """Re-check an orphan: no registry of its bus refers to it, nobody has it open or mapped."""
-    try:
-        ctrl = open_readonly(control_name(action.bus), CONTROL_HEADER_SIZE)
-    except FileNotFoundError:
-        pass
-    except (OSError, ShmcastError):
-        return False
-    else:
-        with ctrl:
-            try:
-                g = parse_control_header(ctrl.buf, ctrl.size)
-            except ShmcastError:
-                return False
-            if g.nonce == action.nonce and any(
-                    read_entry(ctrl.buf, index).ring_id == action.ring_id
-                    for index in range(g.max_subscribers)):
-                return False
-    paths = [os.path.join(SHM_DIR, f) for f in action.files]
-    return not any(shm_users(paths).values())
-
-
-def clean(actions: Iterable[CleanAction]) -> list[tuple[CleanAction, str, str]]:
-    """Carry out *actions* from :func:`plan_clean`, re-checking each one just before.
-
-    :returns: each action (but ``keep``) with its outcome, ``"removed"``,
-        ``"skipped"`` (it no longer qualifies) or ``"failed"``, and a note.
-    """
-    results: list[tuple[CleanAction, str, str]] = []
-    for action in actions:
-        if action.kind == "keep":
-            continue
-        try:
-            if action.kind == "bus":
-                try:
-                    ctrl = _ipc.Segment.open(control_name(action.bus))
-                except FileNotFoundError:
-                    results.append((action, "skipped", "already gone"))
-                    continue
-                try:
-                    done = _registry.reclaim_dead_bus(ctrl, action.bus)
-                finally:
-                    ctrl.close()
-                results.append((action, "removed", "") if done else
-                               (action, "skipped", "its publisher is alive"))
-            elif action.kind == "ring":
-                if _still_dead_ring(action):
-                    _registry.unlink_ring(action.bus, action.nonce, action.ring_id)
-                    results.append((action, "removed", ""))
-                else:
-                    results.append((action, "skipped", "no longer a dead subscriber's ring"))
-            elif _still_orphan(action):
-                _registry.unlink_ring(action.bus, action.nonce, action.ring_id)
-                results.append((action, "removed", ""))
-            else:
-                results.append((action, "skipped", "no longer an unused orphan"))
-        except (OSError, ShmcastError) as e:
-            results.append((action, "failed", describe_error(e)))
-    return results
-
-
 __all__ = [
     "BadBus",
     "BusInfo",
-    "CleanAction",
-    "ReadOnlySegment",
     "RingCounters",
     "RingFile",
     "SubscriberInfo",
     "bus_names",
     "check_patterns",
-    "clean",
     "describe_error",
     "matches",
     "open_control",
-    "open_readonly",
-    "plan_clean",
-    "process_state",
     "read_bus",
     "read_geometry",
-    "ring_name_of",
     "ring_files",
     "scan",
-    "shm_users",
 ]

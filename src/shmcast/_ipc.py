@@ -21,11 +21,12 @@ import fcntl
 import mmap
 import os
 import platform
+import stat as stat_mod
 import struct
 import sys
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import posix_ipc
@@ -41,6 +42,9 @@ PUBLISHER_LOCK = 0  # held by the publisher for the bus's life
 REGISTRY_LOCK = 1  # held briefly by whoever changes the registry epoch
 RECLAIM_LOCK = 2  # held while deciding to unlink a dead bus
 ENTRY_LOCK_BASE = 1024  # + entry index: held by the subscriber owning that entry
+# + publisher place index: held by the Publisher in that place. Above every
+# subscriber lock (ENTRY_LOCK_BASE + MAX_SUBSCRIBERS = 2048).
+PLACE_LOCK_BASE = 4096
 
 
 class Segment:
@@ -287,17 +291,140 @@ def is_locked(fd: int, byte: int) -> bool:
     return _lock_op(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
 
 
+# What tools need to look at buses from outside: read-only mappings, /dev/shm
+# and /proc. Nothing below takes a lock or writes a byte.
+SHM_DIR = "/dev/shm"
+
+
+class ReadOnlySegment(Segment):
+    """A segment opened ``O_RDONLY`` and mapped ``PROT_READ``: it can only be looked at.
+
+    The OFD lock queries of :mod:`shmcast._registry` work on it (``F_OFD_GETLK``
+    needs no write access); taking a lock does not, by design.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, name: str, fd: int, size: int) -> None:
+        self.name = name
+        self.fd = fd
+        self.size = size
+        self.closed = False
+        self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        self.buf = memoryview(self._mmap)
+
+    def __enter__(self) -> ReadOnlySegment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def shm_path(posix_name: str) -> str:
+    """The /dev/shm path of a POSIX shared-memory name: ``/shmcast.x`` -> ``/dev/shm/shmcast.x``."""
+    return SHM_DIR + "/" + posix_name.lstrip("/")
+
+
+def open_readonly(posix_name: str, min_size: int = 1) -> ReadOnlySegment:
+    """Open and map an existing segment read-only.
+
+    :raises FileNotFoundError: if there is no such segment.
+    :raises PermissionError: if we may not read it.
+    :raises ShmcastError: if it is not a regular file or smaller than *min_size*.
+    """
+    path = shm_path(posix_name)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise ShmcastError(f"{path}: not a shared-memory segment")
+        if st.st_size < min_size:
+            raise ShmcastError(
+                f"{path}: not a shmcast segment: {st.st_size} bytes, at least {min_size} expected"
+            )
+        return ReadOnlySegment(posix_name, fd, st.st_size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def list_shm() -> list[str]:
+    """The entries of /dev/shm (none if there is no /dev/shm)."""
+    try:
+        return os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+
+
+def process_state(pid: int) -> str:
+    """What /proc says of *pid*: ``running``, ``stopped``, ``zombie`` or ``gone``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            letter = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+    if letter in (b"T", b"t"):
+        return "stopped"
+    if letter in (b"Z", b"X"):
+        return "zombie"
+    return "running"
+
+
+def shm_users(paths: Iterable[str]) -> dict[str, set[int]]:
+    """Which processes have each of *paths* (under /dev/shm) open or mapped.
+
+    Reads ``/proc/PID/maps`` and ``/proc/PID/fd`` of every process we may read
+    (all of them for root, our own otherwise).
+    """
+    wanted = set(paths)
+    users: dict[str, set[int]] = {p: set() for p in wanted}
+    if not wanted:
+        return users
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return users
+    for pid in pids:
+        if pid == me:
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps", "rb") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6:
+                    path = parts[5].rstrip(b"\n").decode(errors="replace")
+                    if path in wanted:
+                        users[path].add(pid)
+        with contextlib.suppress(OSError):
+            fd_dir = f"/proc/{pid}/fd"
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"{fd_dir}/{fd}")
+                    if target in wanted:
+                        users[target].add(pid)
+    return users
+
+
 # The pure-Python ring orders its stores and loads only by program order, which
 # x86-64 keeps for other cores (total store order); aarch64 and ppc64le may not.
 _STRONG_MEMORY = frozenset({"x86_64", "amd64"})
+# The C core's release stores and acquire loads order them on these too (the
+# ones its wheels are built for); every process decides by its own core.
+_NATIVE_ORDERED = frozenset({"aarch64", "arm64"})
 
 
-def check_memory_model(machine: str | None = None) -> None:
+def check_memory_model(machine: str | None = None, native: bool | None = None) -> None:
     """Refuse to run the seqlock on a CPU whose memory model could tear events.
 
-    :raises ShmcastError: on anything but x86-64.
+    :param native: whether this process's rings are the C core's (default: whether
+        they are, see ``shmcast.native``).
+    :raises ShmcastError: on anything but x86-64, or aarch64 with the C core.
     """
     machine = platform.machine() if machine is None else machine
+    if native is None:
+        from ._ring import NATIVE as native
+    if native and machine.lower() in _NATIVE_ORDERED:
+        return
     if machine.lower() not in _STRONG_MEMORY:
         raise ShmcastError(
             f"shmcast's pure-Python rings rely on x86-64's memory ordering; this CPU is "
@@ -327,7 +454,15 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 __all__ = [
+    "SHM_DIR",
+    "ReadOnlySegment",
+    "list_shm",
+    "open_readonly",
+    "process_state",
+    "shm_path",
+    "shm_users",
     "ENTRY_LOCK_BASE",
+    "PLACE_LOCK_BASE",
     "check_memory_model",
     "lock_within",
     "locked",

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from . import _clean as _cleaning
 from . import _inspect
 from ._demo import run as run_demo
 from ._errors import ShmcastError, StreamClosed
@@ -313,7 +314,7 @@ def _tail(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- clean
 
 
-def _describe_action(action: _inspect.CleanAction) -> str:
+def _describe_action(action: _cleaning.CleanAction) -> str:
     if action.kind == "bus":
         extra = ""
         if action.rings:
@@ -321,16 +322,16 @@ def _describe_action(action: _inspect.CleanAction) -> str:
             extra = f", with {n} dead subscriber ring{'s' if n != 1 else ''}"
         return f"bus {action.bus!r} ({action.reason}{extra})"
     what = "ring" if action.kind == "ring" else "orphan ring"
-    name = _inspect.ring_name_of(action)
+    name = _cleaning.ring_name_of(action)
     return f"{what} {name} of bus {action.bus!r} ({action.reason})"
 
 
 def _clean(args: argparse.Namespace) -> int:
     _inspect.check_patterns(args.patterns)
-    actions = _inspect.plan_clean(args.patterns)
+    actions = _cleaning.plan_clean(args.patterns)
     for action in actions:
         if action.kind == "keep":
-            what = _inspect.ring_name_of(action) if action.ring_id else action.files[0]
+            what = _cleaning.ring_name_of(action) if action.ring_id else action.files[0]
             print(f"left alone: {what}: {action.reason}")
     todo = [a for a in actions if a.kind != "keep"]
     if args.dry_run:
@@ -340,7 +341,7 @@ def _clean(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_OK
     removed = failed = 0
-    for action, outcome, note in _inspect.clean(todo):
+    for action, outcome, note in _cleaning.clean(todo):
         if outcome == "removed":
             removed += 1
             print(f"removed {_describe_action(action)}")
