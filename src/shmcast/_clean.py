@@ -19,7 +19,7 @@ from . import _ipc, _registry
 from ._errors import ShmcastError
 from ._inspect import RingFile, bus_names, describe_error, matches, ring_files
 from ._ipc import SHM_DIR, list_shm, open_readonly, shm_path, shm_users
-from ._layout import CONTROL_HEADER_SIZE, Geometry, parse_control_header, read_entry
+from ._layout import CONTROL_HEADER_SIZE, Geometry, parse_control_header
 from ._names import PREFIX, control_name, ring_name
 
 # A control segment whose header is still all zeros may be a bus being created
@@ -115,10 +115,9 @@ def plan_clean(patterns: Sequence[str] = ()) -> list[CleanAction]:
                         "not a shmcast bus this version of shmcast understands"))
                 continue
             dead_rings = []
-            for index in range(g.max_subscribers):
+            for index, entry in _registry.entries(ctrl, g.max_subscribers):
                 # The entry before its lock: if the lock is free after we read a
                 # ring id there, that ring's owner is gone (a newcomer writes a new id).
-                entry = read_entry(ctrl.buf, index)
                 if not entry.ring_id:
                     continue
                 key = (name, g.nonce, entry.ring_id)
@@ -184,10 +183,10 @@ def _still_dead_ring(action: CleanAction) -> bool:
             return False
         if g.nonce != action.nonce:
             return False
-        for index in range(g.max_subscribers):
+        for index, entry in _registry.entries(ctrl, g.max_subscribers):
             # The entry before its lock: if the lock is free after we read our
             # ring id there, that ring's owner is gone (a newcomer writes a new id).
-            if read_entry(ctrl.buf, index).ring_id == action.ring_id:
+            if entry.ring_id == action.ring_id:
                 return not _registry.place_held(ctrl, index)
     return False
 
@@ -207,8 +206,8 @@ def _still_orphan(action: CleanAction) -> bool:
             except ShmcastError:
                 return False
             if g.nonce == action.nonce and any(
-                    read_entry(ctrl.buf, index).ring_id == action.ring_id
-                    for index in range(g.max_subscribers)):
+                    entry.ring_id == action.ring_id
+                    for _, entry in _registry.entries(ctrl, g.max_subscribers)):
                 return False
     paths = [os.path.join(SHM_DIR, f) for f in action.files]
     return not any(shm_users(paths).values())

@@ -44,7 +44,6 @@ from ._layout import (
     Geometry,
     check_ring_header,
     parse_control_header,
-    read_entry,
     slot_stride,
 )
 from ._names import check_name, control_name, ring_name
@@ -335,8 +334,7 @@ def read_bus(name: str, *, every_place: bool = False,
             rings = ring_files()
         subs = []
         live = 0
-        for index in range(g.max_subscribers):
-            entry = read_entry(ctrl.buf, index)
+        for index, entry in _registry.entries(ctrl, g.max_subscribers):
             if not entry.ring_id:
                 continue  # never used
             held = _registry.place_held(ctrl, index)
