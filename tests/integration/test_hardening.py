@@ -799,3 +799,37 @@ def test_close_ends_a_blocked_subscriber_within_100_ms(
         assert reader.finish() == 0
     assert statistics.median(delays) < 0.1, delays
     assert max(delays) < 0.3, delays
+
+
+def test_exit_status_is_kept_with_threads_publishing_iterating_and_awaiting(bus_name: str) -> None:
+    """Contract, exit: threads blocked in get, iterating (sync and async) or publishing."""
+    code, got, err = run_child("""
+        import asyncio, json, sys, threading, time, shmcast
+        bus = shmcast.Bus(sys.argv[1])
+        subs = [shmcast.subscribe(sys.argv[1]) for _ in range(3)]
+        def publish():
+            while True:
+                try:
+                    bus.publish("x", 1)
+                except shmcast.ShmcastError:
+                    return  # closed by the exit finalizer
+        def iterate():
+            for _ in subs[0]:
+                pass
+        def blocked_get():
+            while True:
+                subs[1].get()
+        def awaiting():
+            async def main():
+                async for _ in subs[2]:
+                    pass
+            asyncio.run(main())
+        for target in (publish, iterate, blocked_get, awaiting):
+            threading.Thread(target=target, daemon=True).start()
+        time.sleep(0.3)
+        print(json.dumps({"threads": threading.active_count()}), flush=True)
+        sys.exit(3)
+    """, bus_name)
+    assert code == 3, f"exit status {code}: {err[-2000:]}"
+    assert got["threads"] >= 5
+    wait_until(lambda: not bus_entries(bus_name), 5, "the bus to be gone")
