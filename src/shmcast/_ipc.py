@@ -422,7 +422,9 @@ def check_memory_model(machine: str | None = None, native: bool | None = None) -
     """
     machine = platform.machine() if machine is None else machine
     if native is None:
-        from ._ring import NATIVE as native
+        from . import _ring  # lazily: the ring sits above this module
+
+        native = bool(getattr(_ring, "NATIVE", False))
     if native and machine.lower() in _NATIVE_ORDERED:
         return
     if machine.lower() not in _STRONG_MEMORY:
