@@ -18,8 +18,13 @@ from ._errors import StreamClosed as StreamClosed
 from ._errors import TooManyPublishersError as TooManyPublishersError
 from ._errors import TooManySubscribersError as TooManySubscribersError
 from ._event import Event as Event
+from ._ring import NATIVE as _NATIVE
 from ._subscription import Subscription as Subscription
 from ._subscription import subscribe as subscribe
+
+#: Whether the C core (shmcast._native) is in use; False when it was not built
+#: or SHMCAST_PURE=1 forced the pure-Python rings.
+native: bool = _NATIVE
 
 __version__ = "0.1.0"
 
@@ -44,5 +49,6 @@ __all__ = [
     "Subscription",
     "TooManyPublishersError",
     "TooManySubscribersError",
+    "native",
     "subscribe",
 ]

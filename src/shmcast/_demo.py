@@ -16,6 +16,7 @@ import zlib
 from typing import Any
 
 from ._bus import Bus
+from ._ring import NATIVE
 from ._subscription import subscribe
 
 
@@ -49,6 +50,8 @@ def run(events: int = 20_000, subscribers: int = 4, slow_delay: float = 0.001,
     labels = [f"fast-{i}" for i in range(1, subscribers)] + ["slow"]
     procs = []
     ok = True
+    core = "native (C extension)" if NATIVE else "pure Python"
+    print(f"shmcast core: {core} (shmcast.native = {NATIVE})", file=stream)
     with Bus(name, slots=256, slot_size=1024) as bus:
         try:
             for label in labels:

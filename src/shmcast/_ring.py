@@ -30,6 +30,7 @@ index, the writer applies it, and the drop formula depends on it.
 from __future__ import annotations
 
 import enum
+import os
 import time
 from typing import Any
 
@@ -162,7 +163,7 @@ class RingWriter:
     def write(self, head: bytes, tail: bytes) -> bool:
         """Put one framed event in this ring alone; False if it was rejected (``drop_new``)."""
         rejected = self.rejected
-        write_all([self], head, tail)
+        pure_write_all([self], head, tail)  # not write_all: that may be the native one
         return self.rejected == rejected
 
     def release(self) -> None:
@@ -261,6 +262,14 @@ class RingReader:
             # Lapped mid-copy, or garbage: step over it, which counts it as dropped.
             self.r = q[_R] = r + 1
 
+    def read_many(self, max: int, limit: int | None = None
+                  ) -> list[tuple[int, float, bytes, bytes]]:
+        """Up to *max* events that are ready, as a list of :meth:`read`'s tuples."""
+        out: list[tuple[int, float, bytes, bytes]] = []
+        while len(out) < max and (item := self.read(limit)) is not None:
+            out.append(item)
+        return out
+
     def discard(self) -> None:
         """Count the event last returned by read() as dropped (it would not decode)."""
         self.delivered = self.q[_DELIVERED] = self.delivered - 1
@@ -278,4 +287,21 @@ class RingReader:
                      slots=self.slots, overwrite=self.overwrite)
 
 
-__all__ = ["INLINE_MAX", "Overflow", "RingReader", "RingWriter", "drops", "frame", "write_all"]
+# The C core, when it was built and SHMCAST_PURE is not 1: the same classes and
+# write_all on the same bytes, with acquire/release ordering (see _native.c).
+# The pure ones stay reachable under these names, whichever is in use.
+PureRingWriter, PureRingReader, pure_write_all = RingWriter, RingReader, write_all
+NATIVE = False
+if os.environ.get("SHMCAST_PURE") != "1":
+    try:
+        from . import _native
+    except ImportError:
+        pass
+    else:
+        RingWriter = _native.RingWriter  # type: ignore[misc,assignment]
+        RingReader = _native.RingReader  # type: ignore[misc,assignment]
+        write_all = _native.write_all  # type: ignore[assignment]
+        NATIVE = True
+
+__all__ = ["INLINE_MAX", "NATIVE", "Overflow", "PureRingReader", "PureRingWriter", "RingReader",
+           "RingWriter", "drops", "frame", "pure_write_all", "write_all"]

@@ -1,0 +1,1030 @@
+/* shmcast._native: the ring's hot paths in C, bit-compatible with src/shmcast/_ring.py.
+ *
+ * Same layout (offsets from _layout.h, generated from _layout.py), same protocol,
+ * same counters: a native writer serves pure readers and the reverse. What C adds
+ * is the memory ordering the pure path gets only from x86-64's TSO:
+ *
+ *   writer: seq = 2i+1 (relaxed); release fence; copy; seq = 2i+2 (release);
+ *           w = i+1 (release)
+ *   reader: w (acquire); seq (acquire); copy; acquire fence; seq again (relaxed)
+ *
+ * The release fence after the odd seq keeps the copy's stores from becoming
+ * visible before it; the acquire fence keeps the copy's loads from moving after
+ * the second seq load. Both are free on x86-64 and what aarch64 needs.
+ *
+ * Each object holds a buffer export of its ring (through a private memoryview,
+ * so the segment's own memoryview can still be released) from construction to
+ * release(): the mapping cannot be unmapped under it, whoever closes the segment.
+ * Every call runs with the GIL held except RingReader.poll, whose spin releases it;
+ * release() during that spin is deferred until the spin ends.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <semaphore.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "_layout.h"
+
+typedef _Atomic uint64_t au64;
+
+static inline au64 *
+field(char *base, uint64_t off)
+{
+    return (au64 *)(base + off);
+}
+
+static inline uint64_t
+load_acq(char *base, uint64_t off)
+{
+    return atomic_load_explicit(field(base, off), memory_order_acquire);
+}
+
+static inline void
+store_rel(char *base, uint64_t off, uint64_t value)
+{
+    atomic_store_explicit(field(base, off), value, memory_order_release);
+}
+
+static PyObject *str_value, *str_release, *str_name;
+
+/* ------------------------------------------------------------------ the pinned buffer */
+
+typedef struct {
+    PyObject *view; /* our own memoryview of the caller's buffer */
+    Py_buffer buf;  /* its export: keeps the mapping alive */
+    char *base;     /* NULL once released */
+    int busy;       /* calls running without the GIL */
+    int release_pending;
+} Pin;
+
+static int
+pin_take(Pin *pin, PyObject *obj, uint64_t need)
+{
+    pin->view = PyMemoryView_FromObject(obj);
+    if (pin->view == NULL)
+        return -1;
+    if (PyObject_GetBuffer(pin->view, &pin->buf, PyBUF_WRITABLE) < 0) {
+        Py_CLEAR(pin->view);
+        return -1;
+    }
+    if ((uint64_t)pin->buf.len < need) {
+        PyErr_Format(PyExc_ValueError, "ring buffer is %zd bytes; its geometry needs %llu",
+                     pin->buf.len, (unsigned long long)need);
+        goto fail;
+    }
+    if (((uintptr_t)pin->buf.buf & 7) != 0) {
+        /* An unaligned 8-byte field is neither one store nor atomic. */
+        PyErr_SetString(PyExc_ValueError, "ring buffer is not 8-byte aligned");
+        goto fail;
+    }
+    pin->base = pin->buf.buf;
+    return 0;
+fail:
+    PyBuffer_Release(&pin->buf);
+    Py_CLEAR(pin->view);
+    return -1;
+}
+
+static void
+pin_drop(Pin *pin)
+{
+    if (pin->busy) {
+        pin->release_pending = 1;
+        return;
+    }
+    if (pin->view != NULL) {
+        pin->base = NULL;
+        PyBuffer_Release(&pin->buf);
+        Py_CLEAR(pin->view);
+    }
+}
+
+static inline int
+pin_check(Pin *pin)
+{
+    if (pin->base == NULL || pin->release_pending) {
+        PyErr_SetString(PyExc_ValueError, "operation on a released ring");
+        return -1;
+    }
+    return 0;
+}
+
+/* Geometry shared by both ends: the bytes the ring needs, or 0 (error set). */
+static uint64_t
+ring_bytes(Py_ssize_t slots, Py_ssize_t slot_size, uint64_t *stride)
+{
+    uint64_t total;
+    if (slots < 1 || slot_size < 0) {
+        PyErr_Format(PyExc_ValueError, "impossible ring geometry: %zd slots of %zd bytes",
+                     slots, slot_size);
+        return 0;
+    }
+    *stride = SHMCAST_SLOT_STRIDE(slot_size);
+    if (__builtin_mul_overflow((uint64_t)slots, *stride, &total) ||
+        __builtin_add_overflow(total, (uint64_t)SHMCAST_RING_HEADER_SIZE, &total)) {
+        PyErr_SetString(PyExc_OverflowError, "ring geometry overflows");
+        return 0;
+    }
+    return total;
+}
+
+/* _ring.drops(), with Python's unbounded integers where garbage counters need them. */
+static PyObject *
+drops_value(uint64_t w, uint64_t rejected, uint64_t r, uint64_t delivered, uint64_t slots,
+            int overwrite)
+{
+    unsigned __int128 lost;
+    if (r > w)
+        r = w;
+    if (delivered > r)
+        delivered = r;
+    lost = (unsigned __int128)rejected + (r - delivered);
+    if (overwrite && w > slots && w - slots > r)
+        lost += w - slots - r;
+    if ((lost >> 64) == 0)
+        return PyLong_FromUnsignedLongLong((unsigned long long)lost);
+    {
+        PyObject *hi = PyLong_FromUnsignedLongLong((unsigned long long)(lost >> 64));
+        PyObject *lo = PyLong_FromUnsignedLongLong((unsigned long long)lost);
+        PyObject *shift = PyLong_FromLong(64), *big = NULL, *out = NULL;
+        if (hi && lo && shift && (big = PyNumber_Lshift(hi, shift)) != NULL)
+            out = PyNumber_Add(big, lo);
+        Py_XDECREF(hi);
+        Py_XDECREF(lo);
+        Py_XDECREF(shift);
+        Py_XDECREF(big);
+        return out;
+    }
+}
+
+/* Bind fastcall arguments to the n parameter *names* (positional or keyword);
+ * out[i] is NULL for one not given. */
+static int
+bind_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+          const char *const *names, Py_ssize_t n, PyObject **out)
+{
+    Py_ssize_t i, k, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments", fn, n);
+        return -1;
+    }
+    for (i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    for (k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        for (i = 0; i < n; i++) {
+            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0)
+                break;
+        }
+        if (i == n || out[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument %R", fn,
+                         key);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+    }
+    return 0;
+}
+
+static int
+limit_arg(PyObject *arg, int *have, uint64_t *limit)
+{
+    *have = 0;
+    if (arg == NULL || arg == Py_None)
+        return 0;
+    *limit = PyLong_AsUnsignedLongLong(arg);
+    if (*limit == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    *have = 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ RingWriter */
+
+typedef struct {
+    PyObject_HEAD
+    Pin pin;
+    PyObject *buf;   /* what the caller gave us, for .buf */
+    PyObject *sem;   /* a posix_ipc.Semaphore, or None */
+    sem_t *csem;     /* our own handle on the same semaphore, or NULL */
+    uint64_t slots, stride, w, rejected;
+    int overwrite;
+} Writer;
+
+static PyTypeObject WriterType;
+
+static int
+Writer_init(Writer *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buf", "slots", "slot_size", "overwrite", "sem", NULL};
+    PyObject *buf, *sem = Py_None;
+    Py_ssize_t slots, slot_size;
+    int overwrite;
+    uint64_t need;
+    if (self->pin.view != NULL || self->buf != NULL) {
+        PyErr_SetString(PyExc_TypeError, "RingWriter is already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnp|O:RingWriter", kwlist, &buf, &slots,
+                                     &slot_size, &overwrite, &sem))
+        return -1;
+    need = ring_bytes(slots, slot_size, &self->stride);
+    if (need == 0 || pin_take(&self->pin, buf, need) < 0)
+        return -1;
+    self->slots = (uint64_t)slots;
+    self->overwrite = overwrite;
+    Py_INCREF(buf);
+    self->buf = buf;
+    Py_INCREF(sem);
+    self->sem = sem;
+    self->csem = NULL;
+    if (sem != Py_None) {
+        /* Our own sem_open of the same name: glibc hands back the mapping posix_ipc
+         * already has (refcounted), and we post it without a Python call. If the
+         * name is gone already, the wake goes through the Python object instead. */
+        PyObject *name = PyObject_GetAttr(sem, str_name);
+        PyObject *encoded = NULL;
+        if (name != NULL && PyUnicode_Check(name) &&
+            (encoded = PyUnicode_EncodeFSDefault(name)) != NULL) {
+            sem_t *h = sem_open(PyBytes_AS_STRING(encoded), 0);
+            if (h != SEM_FAILED)
+                self->csem = h;
+        }
+        Py_XDECREF(encoded);
+        Py_XDECREF(name);
+        PyErr_Clear();
+    }
+    /* The writer owns these: a fresh ring starts at zero whatever its bytes say. */
+    self->w = self->rejected = 0;
+    store_rel(self->pin.base, SHMCAST_W_OFF, 0);
+    store_rel(self->pin.base, SHMCAST_REJECTED_OFF, 0);
+    return 0;
+}
+
+static void
+writer_close_sem(Writer *self)
+{
+    if (self->csem != NULL) {
+        sem_close(self->csem);
+        self->csem = NULL;
+    }
+}
+
+static void
+Writer_dealloc(Writer *self)
+{
+    self->pin.busy = 0;
+    pin_drop(&self->pin);
+    writer_close_sem(self);
+    Py_XDECREF(self->buf);
+    Py_XDECREF(self->sem);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* One event into one ring; 1 if drop_new rejected it. */
+static inline int
+writer_put(Writer *self, const char *head, uint64_t n, const char *tail, uint64_t m)
+{
+    char *base = self->pin.base;
+    uint64_t i = self->w, off;
+    au64 *seq;
+    if (!self->overwrite) {
+        uint64_t r = load_acq(base, SHMCAST_R_OFF);
+        /* Python's ints: a reader's r beyond w (garbage) never makes the ring full. */
+        if (r <= i && i - r >= self->slots) {
+            self->rejected += 1;
+            store_rel(base, SHMCAST_REJECTED_OFF, self->rejected);
+            return 1;
+        }
+    }
+    off = SHMCAST_RING_HEADER_SIZE + (i % self->slots) * self->stride;
+    seq = field(base, off + SHMCAST_SLOT_SEQ_OFF);
+    atomic_store_explicit(seq, 2 * i + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    memcpy(base + off + SHMCAST_SLOT_BODY_OFF, head, n);
+    if (m)
+        memcpy(base + off + SHMCAST_SLOT_BODY_OFF + n, tail, m);
+    atomic_store_explicit(seq, 2 * i + 2, memory_order_release);
+    self->w = i + 1;
+    store_rel(base, SHMCAST_W_OFF, i + 1);
+    return 0;
+}
+
+/* Post the reader's semaphore if no wake-up is pending there (docs/design.md, "Waking"). */
+static int
+writer_wake(Writer *self)
+{
+    PyObject *v;
+    long value;
+    if (self->csem != NULL) {
+        int cvalue;
+        if (sem_getvalue(self->csem, &cvalue) == 0 && cvalue > 0)
+            return 0;
+        if (sem_post(self->csem) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        return 0;
+    }
+    if (self->sem == Py_None)
+        return 0;
+    v = PyObject_GetAttr(self->sem, str_value);
+    if (v == NULL)
+        return -1;
+    value = PyLong_AsLong(v);
+    Py_DECREF(v);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (value == 0) {
+        v = PyObject_CallMethodNoArgs(self->sem, str_release);
+        if (v == NULL)
+            return -1;
+        Py_DECREF(v);
+    }
+    return 0;
+}
+
+static int
+frame_args(PyObject *head, PyObject *tail, Py_buffer *hb, Py_buffer *tb)
+{
+    if (PyObject_GetBuffer(head, hb, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(tail, tb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(hb);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+writer_fits(Writer *self, Py_ssize_t n, Py_ssize_t m)
+{
+    if (pin_check(&self->pin) < 0)
+        return -1;
+    if ((uint64_t)n + (uint64_t)m + SHMCAST_SLOT_BODY_OFF > self->stride) {
+        PyErr_Format(PyExc_ValueError, "a framed event of %zd bytes does not fit a %llu-byte slot",
+                     n + m, (unsigned long long)self->stride);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+write_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *seq, **items;
+    Py_buffer hb, tb;
+    Py_ssize_t count, k;
+    int wake = 1;
+    (void)module;
+    if (nargs < 3 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "write_all(writers, head, tail, wake=True)");
+        return NULL;
+    }
+    if (nargs == 4 && (wake = PyObject_IsTrue(args[3])) < 0)
+        return NULL;
+    seq = PySequence_Fast(args[0], "writers must be a list of RingWriter");
+    if (seq == NULL)
+        return NULL;
+    if (frame_args(args[1], args[2], &hb, &tb) < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    count = PySequence_Fast_GET_SIZE(seq);
+    items = PySequence_Fast_ITEMS(seq);
+    for (k = 0; k < count; k++) {
+        Writer *ring = (Writer *)items[k];
+        if (Py_TYPE(ring) != &WriterType) {
+            PyErr_Format(PyExc_TypeError, "writers[%zd] is %.100s, not a native RingWriter", k,
+                         Py_TYPE(ring)->tp_name);
+            goto fail;
+        }
+        if (writer_fits(ring, hb.len, tb.len) < 0)
+            goto fail;
+        writer_put(ring, hb.buf, (uint64_t)hb.len, tb.buf, (uint64_t)tb.len);
+    }
+    PyBuffer_Release(&hb);
+    PyBuffer_Release(&tb);
+    /* Wake only once every ring has the event: a woken reader may preempt us, and
+     * must not delay the others' copies. */
+    if (wake) {
+        for (k = 0; k < count; k++) {
+            if (writer_wake((Writer *)items[k]) < 0) {
+                Py_DECREF(seq);
+                return NULL;
+            }
+        }
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&hb);
+    PyBuffer_Release(&tb);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *
+Writer_write(Writer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer hb, tb;
+    int rejected;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write(head, tail)");
+        return NULL;
+    }
+    if (frame_args(args[0], args[1], &hb, &tb) < 0)
+        return NULL;
+    if (writer_fits(self, hb.len, tb.len) < 0) {
+        PyBuffer_Release(&hb);
+        PyBuffer_Release(&tb);
+        return NULL;
+    }
+    rejected = writer_put(self, hb.buf, (uint64_t)hb.len, tb.buf, (uint64_t)tb.len);
+    PyBuffer_Release(&hb);
+    PyBuffer_Release(&tb);
+    if (writer_wake(self) < 0)
+        return NULL;
+    return PyBool_FromLong(!rejected);
+}
+
+static PyObject *
+Writer_release(Writer *self, PyObject *Py_UNUSED(ignored))
+{
+    pin_drop(&self->pin);
+    writer_close_sem(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Writer_end(Writer *self, PyObject *arg)
+{
+    uint64_t reason = PyLong_AsUnsignedLongLong(arg);
+    if (reason == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    if (pin_check(&self->pin) < 0)
+        return NULL;
+    /* After the last w: a reader that acquires the end mark sees every event before it. */
+    store_rel(self->pin.base, SHMCAST_END_OFF, reason);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Writer_drops(Writer *self, PyObject *Py_UNUSED(ignored))
+{
+    char *base = self->pin.base;
+    if (pin_check(&self->pin) < 0)
+        return NULL;
+    return drops_value(self->w, self->rejected, load_acq(base, SHMCAST_R_OFF),
+                       load_acq(base, SHMCAST_DELIVERED_OFF), self->slots, self->overwrite);
+}
+
+static PyObject *
+Writer_get_w(Writer *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->w);
+}
+
+static PyObject *
+Writer_get_rejected(Writer *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->rejected);
+}
+
+static PyObject *
+Writer_get_slots(Writer *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->slots);
+}
+
+static PyObject *
+Writer_get_stride(Writer *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->stride);
+}
+
+static PyObject *
+Writer_get_overwrite(Writer *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->overwrite);
+}
+
+static PyObject *
+Writer_get_buf(Writer *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->buf ? self->buf : Py_None);
+}
+
+static PyObject *
+Writer_get_sem(Writer *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->sem ? self->sem : Py_None);
+}
+
+static PyObject *
+Writer_get_native_wake(Writer *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->csem != NULL);
+}
+
+static PyMethodDef Writer_methods[] = {
+    {"write", (PyCFunction)(void (*)(void))Writer_write, METH_FASTCALL,
+     "Put one framed event in this ring alone; False if it was rejected (drop_new)."},
+    {"release", (PyCFunction)Writer_release, METH_NOARGS,
+     "Drop our export of the ring so its segment can be unmapped."},
+    {"end", (PyCFunction)Writer_end, METH_O,
+     "Mark the stream's end after the last event written (the sentinel)."},
+    {"drops", (PyCFunction)Writer_drops, METH_NOARGS, "What the reader lost so far."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Writer_getset[] = {
+    {"w", (getter)Writer_get_w, NULL, "Events written so far.", NULL},
+    {"rejected", (getter)Writer_get_rejected, NULL, "drop_new drops so far.", NULL},
+    {"slots", (getter)Writer_get_slots, NULL, "Slots of the ring.", NULL},
+    {"stride", (getter)Writer_get_stride, NULL, "Bytes per slot.", NULL},
+    {"overwrite", (getter)Writer_get_overwrite, NULL, "Whether a full ring overwrites.", NULL},
+    {"buf", (getter)Writer_get_buf, NULL, "The ring's buffer as given.", NULL},
+    {"sem", (getter)Writer_get_sem, NULL, "The reader's wake semaphore, or None.", NULL},
+    {"native_wake", (getter)Writer_get_native_wake, NULL,
+     "Whether the wake is posted from C (our own sem_open handle).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmcast._native.RingWriter",
+    .tp_doc = "The publisher's end of one ring, with the semaphore that wakes its reader.",
+    .tp_basicsize = sizeof(Writer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Writer_init,
+    .tp_dealloc = (destructor)Writer_dealloc,
+    .tp_methods = Writer_methods,
+    .tp_getset = Writer_getset,
+};
+
+/* ------------------------------------------------------------------ RingReader */
+
+typedef struct {
+    PyObject_HEAD
+    Pin pin;
+    PyObject *buf;
+    uint64_t slots, slot_size, stride, r, delivered, corrupt;
+    int overwrite;
+} Reader;
+
+static PyTypeObject ReaderType;
+
+static int
+Reader_init(Reader *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buf", "slots", "slot_size", "overwrite", NULL};
+    PyObject *buf;
+    Py_ssize_t slots, slot_size;
+    int overwrite;
+    uint64_t need;
+    if (self->pin.view != NULL || self->buf != NULL) {
+        PyErr_SetString(PyExc_TypeError, "RingReader is already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnp:RingReader", kwlist, &buf, &slots,
+                                     &slot_size, &overwrite))
+        return -1;
+    need = ring_bytes(slots, slot_size, &self->stride);
+    if (need == 0 || pin_take(&self->pin, buf, need) < 0)
+        return -1;
+    Py_INCREF(buf);
+    self->buf = buf;
+    self->slots = (uint64_t)slots;
+    self->slot_size = (uint64_t)slot_size;
+    self->overwrite = overwrite;
+    /* The reader owns these: a fresh ring starts at zero whatever its bytes say. */
+    self->r = self->delivered = self->corrupt = 0;
+    store_rel(self->pin.base, SHMCAST_R_OFF, 0);
+    store_rel(self->pin.base, SHMCAST_DELIVERED_OFF, 0);
+    return 0;
+}
+
+static void
+Reader_dealloc(Reader *self)
+{
+    self->pin.busy = 0;
+    pin_drop(&self->pin);
+    Py_XDECREF(self->buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* RingReader.read of _ring.py: a new (version, timestamp, type, data) tuple, or
+ * NULL with no error set when nothing is ready, or NULL with an error. */
+static PyObject *
+reader_next(Reader *self, int have_limit, uint64_t limit)
+{
+    char *base = self->pin.base;
+    uint64_t slots = self->slots;
+    for (;;) {
+        uint64_t w = load_acq(base, SHMCAST_W_OFF), r = self->r, off, want, seq;
+        if (have_limit && w > limit)
+            w = limit;
+        if (r >= w)
+            return NULL;
+        if (w - r > slots) /* lapped: the oldest unread were overwritten */
+            r = w - slots;
+        off = SHMCAST_RING_HEADER_SIZE + (r % slots) * self->stride;
+        if (r > (UINT64_MAX - 2) / 2) {
+            /* 2r+2 is past any u64 seq (a garbage w): Python's ints call it garbage too. */
+            self->corrupt += 1;
+            self->r = r + 1;
+            store_rel(base, SHMCAST_R_OFF, r + 1);
+            continue;
+        }
+        want = 2 * r + 2;
+        seq = load_acq(base, off + SHMCAST_SLOT_SEQ_OFF);
+        if (seq == want) {
+            uint64_t version;
+            double timestamp;
+            uint16_t lt;
+            uint32_t ld;
+            memcpy(&version, base + off + SHMCAST_SLOT_VERSION_OFF, 8);
+            memcpy(&timestamp, base + off + SHMCAST_SLOT_TIMESTAMP_OFF, 8);
+            memcpy(&lt, base + off + SHMCAST_SLOT_TYPE_LEN_OFF, 2);
+            memcpy(&ld, base + off + SHMCAST_SLOT_DATA_LEN_OFF, 4);
+            if (lt <= SHMCAST_MAX_TYPE_BYTES && ld <= self->slot_size) {
+                const char *p = base + off + SHMCAST_SLOT_HEADER_SIZE;
+                PyObject *type_ = PyBytes_FromStringAndSize(p, lt);
+                PyObject *data = type_ ? PyBytes_FromStringAndSize(p + lt, ld) : NULL;
+                if (data == NULL) {
+                    Py_XDECREF(type_);
+                    return NULL;
+                }
+                atomic_thread_fence(memory_order_acquire);
+                if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want) {
+                    PyObject *out = PyTuple_New(4), *v, *t;
+                    if (out == NULL || (v = PyLong_FromUnsignedLongLong(version)) == NULL) {
+                        Py_XDECREF(out);
+                        Py_DECREF(type_);
+                        Py_DECREF(data);
+                        return NULL;
+                    }
+                    if ((t = PyFloat_FromDouble(timestamp)) == NULL) {
+                        Py_DECREF(v);
+                        Py_DECREF(out);
+                        Py_DECREF(type_);
+                        Py_DECREF(data);
+                        return NULL;
+                    }
+                    PyTuple_SET_ITEM(out, 0, v);
+                    PyTuple_SET_ITEM(out, 1, t);
+                    PyTuple_SET_ITEM(out, 2, type_);
+                    PyTuple_SET_ITEM(out, 3, data);
+                    /* r first: killed between the two, the event counts as lost. */
+                    self->r = r + 1;
+                    store_rel(base, SHMCAST_R_OFF, r + 1);
+                    self->delivered += 1;
+                    store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
+                    return out;
+                }
+                Py_DECREF(type_);
+                Py_DECREF(data);
+            } else {
+                atomic_thread_fence(memory_order_acquire);
+                if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want)
+                    self->corrupt += 1; /* impossible lengths in a slot nobody is writing */
+            }
+        } else if (seq < want) {
+            self->corrupt += 1; /* the writer publishes seq before w, so this is garbage */
+        }
+        /* Lapped mid-copy, or garbage: step over it, which counts it as dropped. */
+        self->r = r + 1;
+        store_rel(base, SHMCAST_R_OFF, r + 1);
+    }
+}
+
+static const char *const limit_names[] = {"limit"};
+static const char *const many_names[] = {"max", "limit"};
+
+static PyObject *
+Reader_read(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int have;
+    uint64_t limit = 0;
+    PyObject *out, *a[1];
+    if (bind_args("read", args, nargs, kwnames, limit_names, 1, a) < 0 ||
+        limit_arg(a[0], &have, &limit) < 0 || pin_check(&self->pin) < 0)
+        return NULL;
+    out = reader_next(self, have, limit);
+    if (out == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return out;
+}
+
+static PyObject *
+Reader_read_many(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int have;
+    uint64_t limit = 0;
+    Py_ssize_t max, k;
+    PyObject *out, *a[2];
+    if (bind_args("read_many", args, nargs, kwnames, many_names, 2, a) < 0)
+        return NULL;
+    if (a[0] == NULL) {
+        PyErr_SetString(PyExc_TypeError, "read_many() needs max");
+        return NULL;
+    }
+    max = PyLong_AsSsize_t(a[0]);
+    if (max == -1 && PyErr_Occurred())
+        return NULL;
+    if (limit_arg(a[1], &have, &limit) < 0 || pin_check(&self->pin) < 0)
+        return NULL;
+    out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (k = 0; k < max; k++) {
+        PyObject *item = reader_next(self, have, limit);
+        if (item == NULL) {
+            if (PyErr_Occurred()) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            break;
+        }
+        if (PyList_Append(out, item) < 0) {
+            Py_DECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+static inline double
+monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *
+Reader_poll(Reader *self, PyObject *arg)
+{
+    double seconds = PyFloat_AsDouble(arg), deadline;
+    uint64_t r = self->r;
+    char *base = self->pin.base;
+    int found = 0;
+    if (seconds == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (pin_check(&self->pin) < 0)
+        return NULL;
+    if (load_acq(base, SHMCAST_W_OFF) != r)
+        Py_RETURN_TRUE;
+    /* The spin lets other threads run; a release() meanwhile waits for its end. */
+    self->pin.busy += 1;
+    Py_BEGIN_ALLOW_THREADS
+    deadline = monotonic() + seconds;
+    do {
+        if (load_acq(base, SHMCAST_W_OFF) != r) {
+            found = 1;
+            break;
+        }
+    } while (monotonic() < deadline);
+    Py_END_ALLOW_THREADS
+    self->pin.busy -= 1;
+    if (self->pin.release_pending && self->pin.busy == 0) {
+        self->pin.release_pending = 0;
+        pin_drop(&self->pin);
+    }
+    return PyBool_FromLong(found);
+}
+
+static PyObject *
+Reader_written(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    if (pin_check(&self->pin) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(load_acq(self->pin.base, SHMCAST_W_OFF));
+}
+
+static PyObject *
+Reader_ended(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    if (pin_check(&self->pin) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(load_acq(self->pin.base, SHMCAST_END_OFF) & 0xFFFFFFFFu);
+}
+
+static PyObject *
+Reader_discard(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    if (pin_check(&self->pin) < 0)
+        return NULL;
+    if (self->delivered == 0) {
+        PyErr_SetString(PyExc_ValueError, "no delivered event to discard");
+        return NULL;
+    }
+    self->delivered -= 1;
+    store_rel(self->pin.base, SHMCAST_DELIVERED_OFF, self->delivered);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Reader_unread(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int have;
+    uint64_t limit = 0, w;
+    PyObject *a[1];
+    if (bind_args("unread", args, nargs, kwnames, limit_names, 1, a) < 0 ||
+        limit_arg(a[0], &have, &limit) < 0 || pin_check(&self->pin) < 0)
+        return NULL;
+    w = load_acq(self->pin.base, SHMCAST_W_OFF);
+    if (have && w > limit)
+        w = limit;
+    return PyBool_FromLong(w > self->r);
+}
+
+static PyObject *
+Reader_drops(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int have;
+    uint64_t limit = 0, w;
+    char *base = self->pin.base;
+    PyObject *a[1];
+    if (bind_args("drops", args, nargs, kwnames, limit_names, 1, a) < 0 ||
+        limit_arg(a[0], &have, &limit) < 0 || pin_check(&self->pin) < 0)
+        return NULL;
+    w = load_acq(base, SHMCAST_W_OFF);
+    if (have && w > limit)
+        w = limit;
+    return drops_value(w, load_acq(base, SHMCAST_REJECTED_OFF), self->r, self->delivered,
+                       self->slots, self->overwrite);
+}
+
+static PyObject *
+Reader_release(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    pin_drop(&self->pin);
+    Py_RETURN_NONE;
+}
+
+#define READER_GETTER(name)                                                                   \
+    static PyObject *Reader_get_##name(Reader *self, void *Py_UNUSED(c))                      \
+    {                                                                                         \
+        return PyLong_FromUnsignedLongLong(self->name);                                       \
+    }
+READER_GETTER(r)
+READER_GETTER(delivered)
+READER_GETTER(corrupt)
+READER_GETTER(slots)
+READER_GETTER(slot_size)
+READER_GETTER(stride)
+
+static PyObject *
+Reader_get_overwrite(Reader *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->overwrite);
+}
+
+static PyObject *
+Reader_get_buf(Reader *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->buf ? self->buf : Py_None);
+}
+
+static PyMethodDef Reader_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))Reader_read, METH_FASTCALL | METH_KEYWORDS,
+     "The next event as (version, timestamp, type, data), or None if none is ready."},
+    {"read_many", (PyCFunction)(void (*)(void))Reader_read_many, METH_FASTCALL | METH_KEYWORDS,
+     "Up to max events that are ready, as a list of read()'s tuples."},
+    {"poll", (PyCFunction)Reader_poll, METH_O,
+     "Watch w for up to seconds without sleeping (GIL released); whether an event arrived."},
+    {"written", (PyCFunction)Reader_written, METH_NOARGS, "The writer's count of events written."},
+    {"ended", (PyCFunction)Reader_ended, METH_NOARGS, "The end mark (0 while open)."},
+    {"discard", (PyCFunction)Reader_discard, METH_NOARGS,
+     "Count the event last returned by read() as dropped (it would not decode)."},
+    {"unread", (PyCFunction)(void (*)(void))Reader_unread, METH_FASTCALL | METH_KEYWORDS,
+     "Whether an event may be ready (cheap: one load)."},
+    {"drops", (PyCFunction)(void (*)(void))Reader_drops, METH_FASTCALL | METH_KEYWORDS,
+     "What this reader lost so far, counting overwritten events it has not reached yet."},
+    {"release", (PyCFunction)Reader_release, METH_NOARGS,
+     "Drop our export of the ring so its segment can be unmapped."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Reader_getset[] = {
+    {"r", (getter)Reader_get_r, NULL, "Events consumed so far.", NULL},
+    {"delivered", (getter)Reader_get_delivered, NULL, "Events delivered so far.", NULL},
+    {"corrupt", (getter)Reader_get_corrupt, NULL, "Slots skipped as impossible.", NULL},
+    {"slots", (getter)Reader_get_slots, NULL, "Slots of the ring.", NULL},
+    {"slot_size", (getter)Reader_get_slot_size, NULL, "Largest payload.", NULL},
+    {"stride", (getter)Reader_get_stride, NULL, "Bytes per slot.", NULL},
+    {"overwrite", (getter)Reader_get_overwrite, NULL, "Whether a full ring overwrites.", NULL},
+    {"buf", (getter)Reader_get_buf, NULL, "The ring's buffer as given.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmcast._native.RingReader",
+    .tp_doc = "The subscriber's end of one ring.",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Reader_init,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_methods = Reader_methods,
+    .tp_getset = Reader_getset,
+};
+
+/* ------------------------------------------------------------------ the module */
+
+static PyObject *
+slot_stride(PyObject *module, PyObject *arg)
+{
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    (void)module;
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLongLong(SHMCAST_SLOT_STRIDE(size));
+}
+
+static PyMethodDef module_methods[] = {
+    {"write_all", (PyCFunction)(void (*)(void))write_all, METH_FASTCALL,
+     "write_all(writers, head, tail, wake=True): write one framed event into every ring, "
+     "then post each reader's semaphore whose value is 0 (unless wake is false)."},
+    {"slot_stride", slot_stride, METH_O, "Bytes one slot takes, as the C code computes it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+module_exec(PyObject *m)
+{
+    PyObject *layout;
+    if (str_value == NULL) {
+        str_value = PyUnicode_InternFromString("value");
+        str_release = PyUnicode_InternFromString("release");
+        str_name = PyUnicode_InternFromString("name");
+        if (str_value == NULL || str_release == NULL || str_name == NULL)
+            return -1;
+    }
+    if (PyType_Ready(&WriterType) < 0 || PyType_Ready(&ReaderType) < 0)
+        return -1;
+    if (PyModule_AddObjectRef(m, "RingWriter", (PyObject *)&WriterType) < 0 ||
+        PyModule_AddObjectRef(m, "RingReader", (PyObject *)&ReaderType) < 0)
+        return -1;
+    layout = PyDict_New();
+    if (layout == NULL)
+        return -1;
+#define ADD_FIELD(name)                                                                       \
+    {                                                                                         \
+        PyObject *v = PyLong_FromUnsignedLongLong(SHMCAST_##name);                            \
+        if (v == NULL || PyDict_SetItemString(layout, #name, v) < 0) {                        \
+            Py_XDECREF(v);                                                                    \
+            Py_DECREF(layout);                                                                \
+            return -1;                                                                        \
+        }                                                                                     \
+        Py_DECREF(v);                                                                         \
+    }
+    SHMCAST_LAYOUT_FIELDS(ADD_FIELD)
+#undef ADD_FIELD
+    if (PyModule_AddObjectRef(m, "LAYOUT", layout) < 0) {
+        Py_DECREF(layout);
+        return -1;
+    }
+    Py_DECREF(layout);
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+#ifdef Py_mod_multiple_interpreters
+    /* Static types and module-level interned strings: one interpreter only. */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    /* Each ring end keeps plain counters that two threads could race on. */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmcast._native",
+    .m_doc = "The ring's hot paths in C, bit-compatible with shmcast._ring.",
+    .m_size = 0,
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    return PyModuleDef_Init(&module_def);
+}
