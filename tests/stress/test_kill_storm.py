@@ -163,7 +163,24 @@ def _park_inside_slot_write() -> None:
     import struct
     import sys
 
+    from shmcast import _bus, _ring
     from shmcast._layout import RING_HEADER_SIZE
+
+    if _ring.NATIVE:
+        # The C core copies a slot in one call that no tracer sees into: leave the
+        # first ring as a writer killed there would (seq odd, half a copy, w not
+        # moved), then stop.
+        def parked(writers: list[Any], head: bytes, tail: bytes) -> None:
+            ring = writers[0]
+            off = RING_HEADER_SIZE + (ring.w % ring.slots) * ring.stride
+            q = ring.buf.cast("Q")
+            q[off // 8] = 2 * ring.w + 1
+            q.release()
+            ring.buf[off + 8 : off + 8 + len(head) // 2] = head[: len(head) // 2]
+            stop_self()
+
+        _bus.write_all = parked  # type: ignore[assignment]
+        return
 
     def local(frame: Any, event: str, arg: Any) -> Any:
         w = frame.f_locals.get("ring") or frame.f_locals.get("self")
