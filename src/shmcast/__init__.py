@@ -18,6 +18,8 @@ from ._errors import StreamClosed as StreamClosed
 from ._errors import TooManyPublishersError as TooManyPublishersError
 from ._errors import TooManySubscribersError as TooManySubscribersError
 from ._event import Event as Event
+from ._hub import Feed as Feed
+from ._hub import Hub as Hub
 from ._ring import NATIVE as _NATIVE
 from ._subscription import Subscription as Subscription
 from ._subscription import subscribe as subscribe
@@ -31,7 +33,7 @@ __version__ = "0.1.0"
 # Tracebacks and pickles show the public names, not the private modules.
 for _obj in (Bus, Codec, BusExistsError, BusNotFoundError, BusPermissionError, DecodeError,
              EventTooLargeError, ShmcastError, StreamClosed, TooManyPublishersError,
-             TooManySubscribersError, Event, Subscription, subscribe):
+             TooManySubscribersError, Event, Feed, Hub, Subscription, subscribe):
     _obj.__module__ = __name__
 del _obj
 
@@ -44,6 +46,8 @@ __all__ = [
     "Codec",
     "Event",
     "EventTooLargeError",
+    "Feed",
+    "Hub",
     "ShmcastError",
     "StreamClosed",
     "Subscription",
