@@ -222,17 +222,17 @@ static PyTypeObject WriterType;
 static int
 Writer_init(Writer *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"buf", "slots", "slot_size", "overwrite", "sem", NULL};
+    static char *kwlist[] = {"buf", "slots", "slot_size", "overwrite", "sem", "resume", NULL};
     PyObject *buf, *sem = Py_None;
     Py_ssize_t slots, slot_size;
-    int overwrite;
+    int overwrite, resume = 0;
     uint64_t need;
     if (self->pin.view != NULL || self->buf != NULL) {
         PyErr_SetString(PyExc_TypeError, "RingWriter is already initialized");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnp|O:RingWriter", kwlist, &buf, &slots,
-                                     &slot_size, &overwrite, &sem))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnp|O$p:RingWriter", kwlist, &buf, &slots,
+                                     &slot_size, &overwrite, &sem, &resume))
         return -1;
     need = ring_bytes(slots, slot_size, &self->stride);
     if (need == 0 || pin_take(&self->pin, buf, need) < 0)
@@ -259,6 +259,13 @@ Writer_init(Writer *self, PyObject *args, PyObject *kwds)
         Py_XDECREF(encoded);
         Py_XDECREF(name);
         PyErr_Clear();
+    }
+    if (resume) {
+        /* A ring that outlives its writers (a publisher place's inbox): go on from
+         * the counters the last one left. */
+        self->w = load_acq(self->pin.base, SHMCAST_W_OFF);
+        self->rejected = load_acq(self->pin.base, SHMCAST_REJECTED_OFF);
+        return 0;
     }
     /* The writer owns these: a fresh ring starts at zero whatever its bytes say. */
     self->w = self->rejected = 0;

@@ -149,16 +149,21 @@ class RingWriter:
     __slots__ = ("buf", "overwrite", "q", "rejected", "sem", "slots", "stride", "w")
 
     def __init__(self, buf: memoryview, slots: int, slot_size: int, overwrite: bool,
-                 sem: Any = None) -> None:
+                 sem: Any = None, *, resume: bool = False) -> None:
         self.buf = buf
         self.sem = sem
         self.q = buf.cast("Q")
         self.slots = slots
         self.stride = slot_stride(slot_size)
         self.overwrite = overwrite
-        # The writer owns these: a fresh ring starts at zero whatever its bytes say.
-        self.w = self.rejected = 0
-        self.q[_W] = self.q[_REJECTED] = 0
+        if resume:
+            # A ring that outlives its writers (a publisher place's inbox): go on from
+            # the counters the last one left.
+            self.w, self.rejected = int(self.q[_W]), int(self.q[_REJECTED])
+        else:
+            # The writer owns these: a fresh ring starts at zero whatever its bytes say.
+            self.w = self.rejected = 0
+            self.q[_W] = self.q[_REJECTED] = 0
 
     def write(self, head: bytes, tail: bytes) -> bool:
         """Put one framed event in this ring alone; False if it was rejected (``drop_new``)."""

@@ -276,3 +276,17 @@ def test_dispatch_flag() -> None:
     else:
         assert _ring.RingWriter is PureRingWriter
 
+
+
+def test_writer_resumes_a_ring_like_the_pure_one() -> None:
+    for cls in (native.RingWriter, PureRingWriter):
+        buf = memoryview(ring(2, 32))
+        q = buf.cast("Q")
+        q[Q_W], q[Q_W + 1] = 5, 3  # w and rejected of a writer that went away
+        writer = cls(buf, 2, 32, False, resume=True)
+        assert (writer.w, writer.rejected) == (5, 3)
+        q[Q_R] = 4
+        assert writer.write(*frame(6, 0.0, b"e", b"x"))
+        assert not writer.write(*frame(7, 0.0, b"e", b"x"))  # full: 6 - 4 == 2 slots
+        assert (q[Q_W], q[Q_W + 1]) == (6, 4)
+        q.release()
