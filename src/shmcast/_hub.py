@@ -74,6 +74,7 @@ _CLOSE_JOIN = 0.2
 
 _monotonic = time.monotonic
 _allocate_lock = threading.Lock
+_get_running_loop = asyncio.get_running_loop
 
 
 def _check_since(since: object) -> int:
@@ -422,11 +423,15 @@ class Feed(Stream):
         self._finalizer = weakref.finalize(self, core.close)
 
     # What Stream builds on.
-    def _poll(self) -> Event | None:
+    def _take(self, loop: asyncio.AbstractEventLoop | None) -> Any:
+        """The next event if one is ready; else, given *loop*, a future registered to be
+        woken when one may be (else None). StreamClosed at the end; DecodeError for an
+        undecodable event (counted as dropped), ShmcastError for an unserved hub."""
         c = self._c
         hub = c.hub
         with hub.lock:
-            hub.check_usable()
+            if hub.forked:
+                hub.check_usable()
             dq = c.dq
             if dq:
                 item = dq.popleft()
@@ -438,13 +443,44 @@ class Feed(Stream):
                     raise error from item.__cause__
                 raise ShmcastError(str(item))
             reason = c.reason
-            if reason is None:
+            if reason is not None:
+                if c.limit is None or not c.active:
+                    raise StreamClosed(reason, self.name)
+                if _monotonic() >= c.deadline:  # closing, and the grace ran out
+                    hub.finish_closing(c)
+                    raise StreamClosed(reason, self.name)
+            if loop is None:
                 return None
-            if c.pending():
-                if _monotonic() < c.deadline:
-                    return None
-                hub.finish_closing(c)
-        raise StreamClosed(reason, self.name)
+            fut = loop.create_future()
+            c.futures.add(fut)
+            return fut
+
+    def _poll(self) -> Event | None:
+        return self._take(None)  # type: ignore[no-any-return]
+
+    async def __anext__(self) -> Event:
+        """The next event without blocking the event loop; StopAsyncIteration at the end."""
+        # Stream.__anext__ with the poll and the wait's registration under one lock:
+        # this runs once per event per waiting task.
+        c = self._c
+        loop = _get_running_loop()
+        take = self._take
+        while True:
+            try:
+                got = take(loop)
+            except StreamClosed:
+                raise StopAsyncIteration from None
+            if type(got) is Event:
+                return got
+            # Every change wakes the future, except a closing feed's grace running out.
+            timer = None if c.limit is None else \
+                loop.call_later(max(0.0, c.deadline - _monotonic()), _settle, got)
+            try:
+                await got
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                c.futures.discard(got)
 
     def _wait_for(self, timeout: float | None) -> float | None:
         """How long a reader may wait now; None if it must not (hub lock held)."""
@@ -474,16 +510,18 @@ class Feed(Stream):
                     c.waiters.remove(waiter)
 
     async def _asleep(self) -> None:
+        # _wait_for inlined: this runs once per event per waiting task.
         c = self._c
-        loop = asyncio.get_running_loop()
+        hub = c.hub
+        loop = _get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        with c.hub.lock:
-            if self._wait_for(None) is None:
+        with hub.lock:
+            pending = c.limit is not None and c.active
+            if hub.forked or c.dq or (c.reason is not None and not pending):
                 return
             c.futures.add(fut)
             # Every change wakes the future, except a closing feed's grace running out.
-            timer = loop.call_later(c.deadline - _monotonic(), _settle, fut) \
-                if c.pending() else None
+            timer = loop.call_later(c.deadline - _monotonic(), _settle, fut) if pending else None
         try:
             await fut
         finally:
