@@ -254,13 +254,13 @@ def test_unsubscribe_from_a_signal_handler_inside_get(bus_name: str) -> None:
     """Defect 3, subscriber side: unsubscribe() in a handler that interrupted get()."""
     with Bus(bus_name) as bus:
         code, got, err = run_child("""
-            import json, signal, sys, shmcast, shmcast._ring as R
+            import json, signal, sys, shmcast, shmcast._subscription as S
             sub = shmcast.subscribe(sys.argv[1])
-            real = R.RingReader.read
-            def interrupted(self, limit=None):
-                signal.raise_signal(signal.SIGALRM)
-                return real(self, limit)
-            R.RingReader.read = interrupted
+            real = S._Reader.next_event
+            def interrupted(self):
+                signal.raise_signal(signal.SIGALRM)  # its handler runs here, lock held
+                return real(self)
+            S._Reader.next_event = interrupted
             signal.signal(signal.SIGALRM, lambda *a: sub.unsubscribe())
             try:
                 sub.get(timeout=5)
@@ -479,8 +479,17 @@ def test_an_undecodable_event_is_counted_and_raised_then_the_stream_goes_on(
 # --------------------------------------------------------------------------- 7. weak memory
 
 
-def test_weak_memory_cpus_are_refused_with_a_clear_error(bus_name: str) -> None:
-    """Defect 7: nothing refused aarch64, where the pure-Python seqlock can tear."""
+@pytest.mark.parametrize("core", ["pure", "native"])
+def test_weak_memory_cpus_are_refused_with_a_clear_error(bus_name: str, core: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 7: nothing refused aarch64, where the pure-Python seqlock can tear.
+
+    The C core orders its accesses (release stores, acquire loads): with it,
+    aarch64 is accepted.
+    """
+    if core == "native" and not shmcast.native:
+        pytest.skip("the C core is not built here")
+    monkeypatch.setenv("SHMCAST_PURE", "1" if core == "pure" else "0")
     with Bus(bus_name):
         code, got, err = run_child("""
             import json, platform, sys
@@ -498,8 +507,11 @@ def test_weak_memory_cpus_are_refused_with_a_clear_error(bus_name: str) -> None:
         """, bus_name)
     assert code == 0, err[-2000:]
     for what in ("bus", "subscribe"):
-        assert "aarch64" in got[what]
-        assert "refuses" in got[what]
+        if core == "pure":
+            assert "aarch64" in got[what]
+            assert "refuses" in got[what]
+        else:
+            assert got[what] == "accepted"
     assert bus_entries(bus_name) == []
 
 
@@ -711,32 +723,23 @@ def test_get_refuses_a_negative_or_nan_timeout_even_with_an_event_ready(
         assert sub.get(timeout=1).version == 1
 
 
-def test_iteration_catches_back_to_back_events_awake(bus_name: str) -> None:
+def test_iteration_takes_the_same_spin_as_get(bus_name: str) -> None:
     """Defect 12: ``for event in sub`` never spun before sleeping, as get() does."""
+    from shmcast._stream import Stream
+
+    assert shmcast.Subscription.__next__ is Stream.__next__  # iteration is get()
     with Bus(bus_name) as bus, subscribe(bus_name) as sub:
-        bus.publish("x", 0)
         it = iter(sub)
+        for i in range(3):
+            bus.publish("x", i)
         assert next(it).version == 1
-        sleeps: list[bool] = []
-        real = sub._r.__class__.asleep  # untouched: sync iteration must not use it
-        sem_wait = shmcast._subscription._ipc.wait
-
-        def counting_wait(sem: Any, timeout: float) -> bool:
-            sleeps.append(True)
-            return sem_wait(sem, timeout)
-
-        shmcast._subscription._ipc.wait = counting_wait  # type: ignore[assignment]
-        try:
-            timer = threading.Timer(0.00001, bus.publish, ("x", 1))
-            timer.start()
-            assert next(it).version == 2
-            timer.join()
-        finally:
-            shmcast._subscription._ipc.wait = sem_wait  # type: ignore[assignment]
-        assert real is sub._r.__class__.asleep
-        # The event came within the 50 µs spin, or the spin ran and then it slept:
-        # either way at most one sleep, and the spin (streak) was taken first.
-        assert len(sleeps) <= 1
+        # An event found without waiting marks a streak: the next wait spins first.
+        assert sub._r.streak is True
+        assert [next(it).version, next(it).version] == [2, 3]
+        timer = threading.Timer(0.05, bus.publish, ("x", 3))
+        timer.start()
+        assert next(it).version == 4  # the spin ran dry, then it slept and was woken
+        timer.join()
 
 
 # --------------------------------------------------------------------------- 13. liveness
