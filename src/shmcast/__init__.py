@@ -20,6 +20,7 @@ from ._errors import TooManySubscribersError as TooManySubscribersError
 from ._event import Event as Event
 from ._hub import Feed as Feed
 from ._hub import Hub as Hub
+from ._publisher import Publisher as Publisher
 from ._ring import NATIVE as _NATIVE
 from ._subscription import Subscription as Subscription
 from ._subscription import subscribe as subscribe
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 # Tracebacks and pickles show the public names, not the private modules.
 for _obj in (Bus, Codec, BusExistsError, BusNotFoundError, BusPermissionError, DecodeError,
              EventTooLargeError, ShmcastError, StreamClosed, TooManyPublishersError,
-             TooManySubscribersError, Event, Feed, Hub, Subscription, subscribe):
+             TooManySubscribersError, Event, Publisher, Feed, Hub, Subscription, subscribe):
     _obj.__module__ = __name__
 del _obj
 
@@ -48,6 +49,7 @@ __all__ = [
     "EventTooLargeError",
     "Feed",
     "Hub",
+    "Publisher",
     "ShmcastError",
     "StreamClosed",
     "Subscription",

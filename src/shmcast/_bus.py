@@ -1,4 +1,9 @@
-"""The publisher: creates a bus, writes every event into each subscriber's ring."""
+"""The publisher: creates a bus, writes every event into each subscriber's ring.
+
+With ``max_publishers`` > 0 the bus also creates one inbox ring per publisher
+place and a drain thread that publishes what other processes' ``Publisher``
+objects put there (see docs/design.md, "Publishers").
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from ._layout import (
     ENTRY_ACTIVE,
     ENTRY_JOINING,
     I_STATE,
+    Q_END,
     Q_EPOCH,
     Q_RETIRED,
     Q_VERSION,
@@ -34,10 +40,12 @@ from ._layout import (
     check_ring_header,
     control_size,
     pack_control_header,
+    pack_ring_header,
     parse_control_header,
     ring_size,
 )
 from ._names import (
+    MAX_PUBLISHERS,
     MAX_RING_BYTES,
     MAX_SLOT_SIZE,
     MAX_SLOTS,
@@ -46,10 +54,12 @@ from ._names import (
     check_int,
     check_name,
     control_name,
+    drain_name,
+    inbox_name,
     ring_name,
     touch,
 )
-from ._ring import Overflow, RingWriter, frame, write_all
+from ._ring import Overflow, RingReader, RingWriter, frame, write_all
 
 # Deaths change no byte of the registry, so the publisher also re-reads it this
 # often; the contract allows a dead subscriber to be counted for up to 1 s.
@@ -60,7 +70,12 @@ LIVENESS_PERIOD = 0.25
 # it ends the streams without it (only a stopped holder makes it wait).
 CLOSE_LOCK_TIMEOUT = 0.02
 
-MAX_PUBLISHERS = 64
+# The drain thread sleeps on the drain semaphore, which publishers post; this
+# bound only caps what a lost wake-up could cost (one timed wake a second idle).
+DRAIN_WAIT = 1.0
+# Events taken from one inbox before the next inbox's turn, and between two
+# releases of the lock (so the owner's own publish() is never held up for long).
+DRAIN_BATCH = 64
 
 
 @dataclass
@@ -96,10 +111,11 @@ class _Publisher:
     """
 
     def __init__(self, name: str, slots: int, slot_size: int, max_subscribers: int,
-                 overflow: Overflow, codec: Codec, mode: int) -> None:
+                 overflow: Overflow, codec: Codec, mode: int, max_publishers: int = 0) -> None:
         self.name = name
         self.slot_size = slot_size
         self.max_subscribers = max_subscribers
+        self.max_publishers = max_publishers
         self.overwrite = overflow is Overflow.OVERWRITE
         self.codec = codec
         self.pid = os.getpid()
@@ -107,6 +123,7 @@ class _Publisher:
         self.lock = threading.RLock()
         self.busy = False
         self.closed = False  # close() began: streams ended, names unlinked
+        self.closing = False  # close() is draining the inboxes, before it sets closed
         self.torn = False  # mappings released
         self.rings: dict[int, _Ring] = {}
         self.writers: list[RingWriter] = []
@@ -118,15 +135,124 @@ class _Publisher:
         self.next_scan = 0.0
         self.types: dict[str, bytes] = {}
         self.nonce = secrets.randbits(64)
-        self.ctrl = _create_control(name, control_size(max_subscribers), mode)
+        self.inboxes: list[_ipc.Segment] = []
+        self.readers: list[RingReader] = []  # the owner's end of each inbox
+        self.inbox_q: list[memoryview] = []  # each inbox's u64 view, for its end mark
+        self.drain_sem: posix_ipc.Semaphore | None = None
+        self.drain_error: BaseException | None = None  # the last one, for a post-mortem
+        self.ctrl = _create_control(name, control_size(max_subscribers, max_publishers), mode)
         pack_control_header(
             self.ctrl.buf, nonce=self.nonce, pid=self.pid, slots=slots, slot_size=slot_size,
             max_subscribers=max_subscribers, overflow=overflow.code, mode=mode,
-            created=time.time(), codec=codec.name,
+            created=time.time(), codec=codec.name, max_publishers=max_publishers,
         )
         self.views = _registry.Views(self.ctrl)
         self.ctrl_q = self.views.q
         _ipc.track_fork(self)
+        if max_publishers:
+            try:
+                self._open_inboxes(slots, mode)
+            except BaseException:
+                self._undo_creation()
+                raise
+
+    # Publishers' inboxes (see docs/design.md, "Publishers").
+    def _open_inboxes(self, slots: int, mode: int) -> None:
+        """Create every place's inbox and the drain semaphore (after the header: a
+        reclaimer learns their names from it), then start the drain thread."""
+        size = ring_size(slots, self.slot_size)
+        for place in range(self.max_publishers):
+            seg = _ipc.Segment.create(inbox_name(self.name, self.nonce, place), size, mode)
+            self.inboxes.append(seg)
+            pack_ring_header(seg.buf, slots=slots, slot_size=self.slot_size, nonce=self.nonce,
+                             ring_id=place)
+            seg.drop_fd()
+            self.inbox_q.append(seg.buf.cast("Q"))
+            self.readers.append(RingReader(seg.buf, slots, self.slot_size, False))
+        self.drain_sem = _ipc.create_semaphore(drain_name(self.name, self.nonce), mode)
+        threading.Thread(target=self._drain_loop, name=f"shmcast-drain-{self.name}",
+                         daemon=True).start()
+
+    def _undo_creation(self) -> None:
+        _registry.unlink_publisher_objects(self.name, self.nonce, self.max_publishers)
+        if self.drain_sem is not None:
+            self.drain_sem.close()
+        self._release_inboxes()
+        if self.ctrl.still_named():
+            _ipc.unlink_segment(control_name(self.name))
+        self.views.release()
+        self.ctrl.close()
+
+    def _drain_loop(self) -> None:
+        """The drain thread: sleep until a publisher posts, publish what the inboxes hold.
+
+        It ends when the bus closes (close() posts the semaphore and never joins
+        us) and closes the semaphore itself: closing one a thread is blocked on
+        makes glibc write to an unmapped page.
+        """
+        sem = self.drain_sem
+        if sem is None:
+            return
+        try:
+            while True:
+                _ipc.wait(sem, DRAIN_WAIT)
+                while True:
+                    with self.lock:
+                        if self.closed or self.forked:
+                            return
+                        self.busy = True
+                        try:
+                            drained = self._drain_round()
+                        except Exception as e:  # noqa: BLE001 - keep draining the others
+                            self.drain_error = e
+                            drained = 0
+                        finally:
+                            self.busy = False
+                    if not drained:
+                        break
+        finally:
+            with self.lock:
+                self.drain_sem = None  # close() posts it no more
+            if not self.forked:
+                sem.close()
+
+    def _drain_round(self, limits: list[int] | None = None) -> int:
+        """Publish up to DRAIN_BATCH events of each inbox, in each inbox's order (lock
+        held, busy set); how many. *limits*: read no inbox past these ring indexes."""
+        emit = self._emit
+        drained = 0
+        for place, reader in enumerate(self.readers):
+            limit = None if limits is None else limits[place]
+            for _ in range(DRAIN_BATCH):
+                item = reader.read(limit)
+                if item is None:
+                    break
+                emit(item[2], item[3], item[1])
+                drained += 1
+        return drained
+
+    def _end_inboxes(self) -> None:
+        """At close: publish what the inboxes hold now, then mark them ended.
+
+        Only what is there when we start: a publisher that wrote on after the bus
+        state said closed finds its event counted in its ``dropped`` (w - r once
+        ``end`` is set), so the count stays exact without waiting for anyone.
+        """
+        self.views.i[I_STATE] = STATE_CLOSED  # publishers stop at their next publish
+        try:
+            if not self.busy:
+                limits = [reader.written() for reader in self.readers]
+                self.busy = True
+                try:
+                    while self._drain_round(limits):
+                        pass
+                finally:
+                    self.busy = False
+        finally:
+            for q in self.inbox_q:
+                q[Q_END] = END_BUS_CLOSED
+            if self.drain_sem is not None:
+                self.drain_sem.release()  # the drain thread sees the bus closed and ends
 
     def after_fork_in_child(self) -> None:
         self.forked = True
@@ -142,26 +268,36 @@ class _Publisher:
             raise EventTooLargeError(
                 f"encoded event is {len(data)} bytes; this bus's slot_size is {self.slot_size}"
             )
+        return self.publish_encoded(tb, data, None)
+
+    def publish_encoded(self, type_bytes: bytes, data: bytes, timestamp: float | None) -> int:
+        """Publish an event already encoded (and checked); *timestamp* None: now."""
         with self.lock:
             if self.closed or self.forked:
                 self._raise_unusable()
             self.busy = True
             try:
-                ctrl = self.ctrl_q
-                if ctrl[Q_EPOCH] != self.epoch_seen or time.monotonic() >= self.next_scan:
-                    self._scan()
-                version = self.version + 1
-                head, tail = frame(version, time.time(), tb, data)
-                write_all(self.writers, head, tail)
-                if self.pending:
-                    for pend in self.pending.values():
-                        pend.missed += 1
-                        ctrl[pend.missed_q] = pend.missed
-                self.version = ctrl[Q_VERSION] = version
+                version = self._emit(type_bytes, data, timestamp)
             finally:
                 self.busy = False
             if self.closed:
                 self._teardown()  # a signal handler closed the bus under us
+        return version
+
+    def _emit(self, type_bytes: bytes, data: bytes, timestamp: float | None) -> int:
+        """Give the event the next version and write it to every ring (lock held, busy set)."""
+        ctrl = self.ctrl_q
+        if ctrl[Q_EPOCH] != self.epoch_seen or time.monotonic() >= self.next_scan:
+            self._scan()
+        version = self.version + 1
+        head, tail = frame(version, time.time() if timestamp is None else timestamp,
+                           type_bytes, data)
+        write_all(self.writers, head, tail)
+        if self.pending:
+            for pend in self.pending.values():
+                pend.missed += 1
+                ctrl[pend.missed_q] = pend.missed
+        self.version = ctrl[Q_VERSION] = version
         return version
 
     def _type_bytes(self, type_: str) -> bytes:
@@ -300,6 +436,15 @@ class _Publisher:
                 return 0
             return _registry.count_active(self.ctrl, self.max_subscribers)
 
+    def publisher_count(self) -> int:
+        with self.lock:
+            if self.forked:
+                self._raise_unusable()
+            if self.closed:
+                return 0
+            return _registry.count_publishers(self.ctrl, self.max_subscribers,
+                                              self.max_publishers)
+
     def close(self) -> None:
         """End every stream, unlink every name, then unmap once no call is using the maps.
 
@@ -309,10 +454,17 @@ class _Publisher:
         with self.lock:
             if self.forked:
                 return  # a forked copy: the bus is not ours to end
-            if not self.closed:
-                self.closed = True
-                self._end_streams()
-            if not self.busy:
+            if not (self.closed or self.closing):
+                # A close() from a signal handler while this one drains the inboxes
+                # finds closing set and leaves the rest to us.
+                self.closing = True
+                try:
+                    if self.readers:
+                        self._end_inboxes()  # before closed is set: it publishes
+                finally:
+                    self.closed = True
+                    self._end_streams()
+            if self.closed and not self.busy:
                 self._teardown()
 
     def _end_streams(self) -> None:
@@ -336,6 +488,7 @@ class _Publisher:
         for _, entry in _registry.entries(ctrl, self.max_subscribers):
             if entry.ring_id:
                 _registry.unlink_ring(self.name, self.nonce, entry.ring_id)
+        _registry.unlink_publisher_objects(self.name, self.nonce, self.max_publishers)
         if ctrl.still_named():
             _ipc.unlink_segment(control_name(self.name))
 
@@ -347,8 +500,17 @@ class _Publisher:
             self._retire(ring)
         for index in list(self.pending):
             self._forget(index)
+        self._release_inboxes()
         self.views.release()
         self.ctrl.close()
+
+    def _release_inboxes(self) -> None:
+        for reader in self.readers:
+            reader.release()
+        for q in self.inbox_q:
+            q.release()
+        for seg in self.inboxes:
+            seg.close()
 
 
 def _create_control(name: str, size: int, mode: int) -> _ipc.Segment:
@@ -382,7 +544,8 @@ def _create_control(name: str, size: int, mode: int) -> _ipc.Segment:
 
 def _reclaim_or_raise(name: str) -> None:
     try:
-        old = _ipc.Segment.open(control_name(name), 0, max_size=control_size(MAX_SUBSCRIBERS))
+        old = _ipc.Segment.open(control_name(name), 0,
+                                max_size=control_size(MAX_SUBSCRIBERS, MAX_PUBLISHERS))
     except FileNotFoundError:
         return
     try:
@@ -444,7 +607,8 @@ class Bus:
         chosen = resolve(codec)
         _ipc.check_memory_model()
         touch(name)
-        self._core = _Publisher(name, slots, slot_size, max_subscribers, policy, chosen, mode)
+        self._core = _Publisher(name, slots, slot_size, max_subscribers, policy, chosen, mode,
+                                max_publishers)
         self._finalizer = weakref.finalize(self, self._core.close)
 
     @property
@@ -477,6 +641,11 @@ class Bus:
     def subscriber_count(self) -> int:
         """Subscribers attached now (dead ones excluded)."""
         return self._core.subscriber_count()
+
+    @property
+    def publisher_count(self) -> int:
+        """:class:`Publisher` objects of other processes attached now (dead ones excluded)."""
+        return self._core.publisher_count()
 
     @property
     def closed(self) -> bool:

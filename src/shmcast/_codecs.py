@@ -150,4 +150,26 @@ def for_subscriber(bus_codec: str, codec: object) -> Codec:
     return chosen
 
 
-__all__ = ["BUILTIN", "Codec", "JsonCodec", "PickleCodec", "RawCodec", "for_subscriber", "resolve"]
+def for_publisher(bus_codec: str, codec: object) -> Codec:
+    """Pick the codec a :class:`Publisher` encodes with, given the name the bus recorded.
+
+    Unlike a subscriber, a publisher of a pickle bus needs no opt-in: it only
+    dumps, and the danger of pickle is in loads.
+
+    :raises ShmcastError: if the bus uses a custom codec and *codec* is missing,
+        or if *codec* has another name than the bus's.
+    """
+    if codec is None:
+        if bus_codec in BUILTIN:
+            return BUILTIN[bus_codec]
+        raise ShmcastError(
+            f"the bus uses the custom codec {bus_codec!r}: pass codec= with that name to Publisher"
+        )
+    chosen = resolve(codec)
+    if chosen.name != bus_codec:
+        raise ShmcastError(f"the bus uses codec {bus_codec!r}, not {chosen.name!r}")
+    return chosen
+
+
+__all__ = ["BUILTIN", "Codec", "JsonCodec", "PickleCodec", "RawCodec", "for_publisher",
+           "for_subscriber", "resolve"]

@@ -4,8 +4,9 @@ Nothing here registers a subscriber, takes a lock or writes a byte of a bus
 it reads: segments are opened ``O_RDONLY`` and mapped ``PROT_READ``, and
 liveness is asked of the kernel with ``F_OFD_GETLK``, which reports a lock
 without taking one. (The publisher holds lock byte 0 of the control segment
-for the bus's life; each subscriber holds the lock byte of its registry place;
-the kernel drops both when their holder dies.)
+for the bus's life; each subscriber holds the lock byte of its registry place,
+and each ``Publisher`` that of its publisher place; the kernel drops them when
+their holder dies.)
 
 Cleaning is in :mod:`shmcast._clean`; what touches the OS (read-only maps,
 /dev/shm, /proc) is in :mod:`shmcast._ipc`.
@@ -13,6 +14,7 @@ Cleaning is in :mod:`shmcast._clean`; what touches the OS (read-only maps,
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
@@ -27,6 +29,7 @@ from ._ipc import SHM_DIR, ReadOnlySegment, list_shm, open_readonly, process_sta
 from ._layout import (
     CONTROL_HEADER_SIZE,
     ENTRY_ACTIVE,
+    ENTRY_FREE,
     ENTRY_JOINING,
     ENTRY_LEFT,
     R_OFF,
@@ -44,9 +47,10 @@ from ._layout import (
     Geometry,
     check_ring_header,
     parse_control_header,
+    read_pub_entry,
     slot_stride,
 )
-from ._names import check_name, control_name, ring_name
+from ._names import check_name, control_name, drain_name, inbox_name, ring_name
 from ._ring import Overflow
 from ._ring import drops as ring_drops
 
@@ -173,6 +177,35 @@ class SubscriberInfo:
 
 
 @dataclass(frozen=True)
+class PublisherInfo:
+    """One publisher place as seen from outside, with its holder's counts from the inbox.
+
+    The inbox belongs to the place: ``sent`` and ``dropped`` are the current (or
+    last) holder's, counted from where it joined; ``pending`` is every event
+    in the inbox that the bus has not drained yet.
+    """
+
+    place: int
+    pid: int
+    state: str  # joining, active, left
+    alive: bool  # the place's OFD lock is held: its publisher process is alive
+    process: str  # running, stopped, zombie, gone (from /proc, for the entry's pid)
+    inbox: str  # the inbox segment's name in /dev/shm
+    joined: float
+    sent: int | None = None  # events it handed to the inbox
+    dropped: int | None = None  # events it could not hand over (the inbox was full)
+    pending: int | None = None  # events waiting in the inbox for the bus's drain thread
+    error: str | None = None  # why the inbox could not be read
+
+    @property
+    def status(self) -> str:
+        """``alive``, ``stopped`` (alive but SIGSTOPped) or ``dead``."""
+        if not self.alive:
+            return "dead"
+        return "stopped" if self.process == "stopped" else "alive"
+
+
+@dataclass(frozen=True)
 class BusInfo:
     """One bus, read without attaching to it."""
 
@@ -194,6 +227,9 @@ class BusInfo:
     live_subscribers: int  # active entries whose place is held (what bus.subscriber_count says)
     shm_bytes: int  # control segment + this bus's ring segments and semaphores
     subscribers: tuple[SubscriberInfo, ...] = field(default=())
+    max_publishers: int = 0
+    live_publishers: int = 0  # active places whose lock is held (bus.publisher_count)
+    publishers: tuple[PublisherInfo, ...] = field(default=())
 
     @property
     def state(self) -> str:
@@ -311,12 +347,81 @@ def _bus_bytes(name: str, nonce: int, ctrl_size: int, rings: dict[tuple[str, int
                            if key[0] == name and key[1] == nonce)
 
 
+def _publisher_bytes(name: str, nonce: int, max_publishers: int) -> int:
+    total = 0
+    for place in range(max_publishers):
+        with contextlib.suppress(OSError):
+            total += os.lstat(shm_path(inbox_name(name, nonce, place))).st_size
+    if max_publishers:
+        with contextlib.suppress(OSError):
+            total += os.lstat(shm_path("sem." + drain_name(name, nonce).lstrip("/"))).st_size
+    return total
+
+
+def _read_inbox(g: Geometry, name: str, place: int) -> tuple[int, int, int] | str:
+    """(w, rejected, r) of a publisher place's inbox, read-only, or why it cannot be read."""
+    try:
+        seg = open_readonly(inbox_name(name, g.nonce, place), RING_HEADER_SIZE)
+    except FileNotFoundError:
+        return "inbox gone"
+    except (OSError, ShmcastError) as e:
+        return describe_error(e)
+    with seg:
+        try:
+            check_ring_header(seg.buf, seg.size, slots=g.slots, slot_size=g.slot_size,
+                              nonce=g.nonce, ring_id=place)
+        except ShmcastError as e:
+            return str(e)
+        w = U64.unpack_from(seg.buf, W_OFF)[0]
+        rejected = U64.unpack_from(seg.buf, REJECTED_OFF)[0]
+        r = U64.unpack_from(seg.buf, R_OFF)[0]
+        return w, rejected, r
+
+
+def _read_publishers(ctrl: ReadOnlySegment, g: Geometry, name: str, every_place: bool,
+                     ) -> tuple[int, list[PublisherInfo]]:
+    """Live publishers and the places to list: held ones and dead ones not yet reused
+    (``every_place``: also those whose publisher closed)."""
+    live = 0
+    out = []
+    for place in range(g.max_publishers):
+        entry = read_pub_entry(ctrl.buf, g.max_subscribers, place)
+        held = _registry.publisher_place_held(ctrl, place)
+        if held and entry.state == ENTRY_ACTIVE:
+            live += 1
+        if entry.state == ENTRY_FREE or not (held or every_place or entry.state != ENTRY_LEFT):
+            continue
+        counts = _read_inbox(g, name, place)
+        extra: dict[str, Any] = {}
+        if isinstance(counts, str):
+            extra["error"] = counts
+        else:
+            w, rejected, r = counts
+            extra["pending"] = max(0, w - r)
+            if entry.state in (ENTRY_ACTIVE, ENTRY_LEFT):  # its baseline is written
+                extra["sent"] = max(0, w - entry.w0)
+                extra["dropped"] = max(0, rejected - entry.rejected0)
+        out.append(PublisherInfo(
+            place=place,
+            pid=entry.pid,
+            state=_ENTRY_STATES.get(entry.state, f"state {entry.state}"),
+            alive=held,
+            process=process_state(entry.pid) if held else "gone",
+            inbox=inbox_name(name, g.nonce, place).lstrip("/"),
+            joined=entry.joined,
+            **extra,
+        ))
+    return live, out
+
+
 def read_bus(name: str, *, every_place: bool = False,
              rings: dict[tuple[str, int, int], RingFile] | None = None) -> BusInfo:
     """Read bus *name* without attaching to it.
 
     Subscribers listed: every place whose subscriber is alive, plus dead ones
     whose ring is still in /dev/shm (``every_place``: every place ever used).
+    Publishers listed: every place held, plus dead ones not yet taken again
+    (``every_place``: also those whose publisher closed).
 
     :raises ValueError: for a bad bus name.
     :raises BusNotFoundError: if there is no such bus.
@@ -364,6 +469,7 @@ def read_bus(name: str, *, every_place: bool = False,
                 joined=entry.joined,
                 **extra,
             ))
+        live_pubs, pubs = _read_publishers(ctrl, g, name, every_place)
         return BusInfo(
             name=name,
             uid=st.st_uid,
@@ -381,8 +487,12 @@ def read_bus(name: str, *, every_place: bool = False,
             version=U64.unpack_from(ctrl.buf, VERSION_OFF)[0],
             retired_drops=retired,
             live_subscribers=live,
-            shm_bytes=_bus_bytes(name, g.nonce, ctrl.size, rings),
+            shm_bytes=_bus_bytes(name, g.nonce, ctrl.size, rings)
+            + _publisher_bytes(name, g.nonce, g.max_publishers),
             subscribers=tuple(subs),
+            max_publishers=g.max_publishers,
+            live_publishers=live_pubs,
+            publishers=tuple(pubs),
         )
 
 
@@ -435,6 +545,7 @@ def scan(patterns: Sequence[str] = ()) -> list[BusInfo | BadBus]:
 __all__ = [
     "BadBus",
     "BusInfo",
+    "PublisherInfo",
     "RingCounters",
     "RingFile",
     "SubscriberInfo",

@@ -13,7 +13,7 @@ Control segment ``/dev/shm/shmcast.NAME``::
 
     off  size  field                    written by
     0    8     magic b"SHMCAST\\0"      publisher, last step of creation
-    8    4     layout version (2)       publisher
+    8    4     layout version (3)       publisher
     12   4     header size (128)        publisher
     16   8     nonce                    publisher (random; names the rings)
     24   4     publisher pid            publisher
@@ -29,9 +29,10 @@ Control segment ``/dev/shm/shmcast.NAME``::
     96   8     version: last assigned   publisher
     104  8     drops of departed subscribers   publisher
     112  8     registry epoch           subscribers, under the registry lock
-    120  4     max publishers (reserved, 0)
+    120  4     max publishers (P)       publisher
     124  4     reserved
     128  64*M  registry, one entry per subscriber place
+    ...  64*P  publisher places, from offset 128 + 64*M
 
 Registry entry (64 bytes). The first half is written only by the subscriber
 that holds the entry's place lock, the second only by the publisher::
@@ -47,9 +48,25 @@ that holds the entry's place lock, the second only by the publisher::
     40   8     missed: events published while active, unserved      publisher
     48   16    reserved
 
+Publisher place (64 bytes), written only by the ``Publisher`` holding the
+place's lock. The inbox ring belongs to the place, not to its holder (the bus
+creates one per place), so a new holder goes on where the last one stopped;
+the baseline says where that was, and each holder's own counts are the
+inbox's minus it::
+
+    0    4     state 0 free, 1 joining, 2 active, 3 left     publisher
+    4    4     publisher pid                                 publisher
+    8    8     inbox w when it joined                        publisher
+    16   8     inbox rejected when it joined                 publisher
+    24   8     joined, time.time()                           publisher
+    32   32    reserved
+
 Ring segment ``/dev/shm/shmcast.NAME.<nonce>.<ring id>`` (one per subscriber,
-created by it); the publisher's and the subscriber's fields sit on separate
-cache lines::
+created by it), and inbox ``/dev/shm/shmcast.NAME.<nonce>.inbox<i>`` (one per
+publisher place, created by the bus, ring id ``i``), where the roles swap: the
+``Publisher`` writes ``w`` and ``rejected``, the bus owner reads, and ``end``
+is the owner's mark that it drains no more. The writer's and the reader's
+fields sit on separate cache lines::
 
     0    8     magic b"SHMCRING"
     8    4     layout version (1)
@@ -61,7 +78,7 @@ cache lines::
     40   24    reserved
     64   8     w: events written so far        publisher
     72   8     rejected (drop_new drops)       publisher
-    80   8     end: 0 open, 1 bus closed       publisher
+    80   8     end: 0 open, 1 bus closed       publisher (inbox: the owner)
     88   40    reserved
     128  8     r: events consumed so far       subscriber
     136  8     delivered (r minus those lost)  subscriber
@@ -87,6 +104,7 @@ from typing import NamedTuple
 from ._errors import BusNotFoundError, ShmcastError
 from ._names import (
     MAX_CODEC_NAME,
+    MAX_PUBLISHERS,
     MAX_RING_BYTES,
     MAX_SLOT_SIZE,
     MAX_SLOTS,
@@ -94,7 +112,9 @@ from ._names import (
     MAX_TYPE_BYTES,
 )
 
-LAYOUT_VERSION = 2
+# 3: publisher places and inboxes (max publishers at 120). A version-2 process
+# would reclaim a dead version-3 bus and leave its inboxes and drain semaphore.
+LAYOUT_VERSION = 3
 
 # Control segment.
 CONTROL_MAGIC = b"SHMCAST\x00"
@@ -115,6 +135,13 @@ SERVED_OFF = 32  # u32
 ERRNO_OFF = 36  # u32
 MISSED_OFF = 40  # u64
 SERVE_PENDING, SERVE_OK, SERVE_RETRYING, SERVE_REFUSED = 0, 1, 2, 3
+
+MAX_PUBLISHERS_OFF = 120  # u32
+# A publisher place: state and pid as in ENTRY, then the inbox baseline and when it joined.
+PUB_ENTRY = struct.Struct("<IIQQd")
+PUB_W0_OFF = 8  # u64
+PUB_REJECTED0_OFF = 16  # u64
+PUB_JOINED_OFF = 24  # f64
 
 
 # Ring segment.
@@ -173,6 +200,7 @@ class Geometry(NamedTuple):
     mode: int
     created: float
     codec: str
+    max_publishers: int = 0
 
 
 class Entry(NamedTuple):
@@ -185,9 +213,19 @@ class Entry(NamedTuple):
     joined: float
 
 
-def control_size(max_subscribers: int) -> int:
-    """Bytes of a control segment with *max_subscribers* places."""
-    return CONTROL_HEADER_SIZE + ENTRY_SIZE * max_subscribers
+class PubEntry(NamedTuple):
+    """One publisher place."""
+
+    state: int
+    pid: int
+    w0: int  # the inbox's w when this holder joined
+    rejected0: int  # the inbox's rejected when this holder joined
+    joined: float
+
+
+def control_size(max_subscribers: int, max_publishers: int = 0) -> int:
+    """Bytes of a control segment with *max_subscribers* and *max_publishers* places."""
+    return CONTROL_HEADER_SIZE + ENTRY_SIZE * (max_subscribers + max_publishers)
 
 
 def slot_stride(slot_size: int) -> int:
@@ -205,6 +243,11 @@ def entry_offset(index: int) -> int:
     return CONTROL_HEADER_SIZE + ENTRY_SIZE * index
 
 
+def pub_entry_index(max_subscribers: int, place: int) -> int:
+    """Publisher place *place* as an entry index (the places follow the registry)."""
+    return max_subscribers + place
+
+
 def pack_control_header(
     buf: bytearray | memoryview,
     *,
@@ -217,6 +260,7 @@ def pack_control_header(
     mode: int,
     created: float,
     codec: str,
+    max_publishers: int = 0,
 ) -> None:
     """Write a complete control header, magic last, so a half-written one never parses."""
     CONTROL_HEADER.pack_into(
@@ -224,6 +268,7 @@ def pack_control_header(
         slots, slot_size, max_subscribers, overflow, mode,
         ENTRY_SIZE, created, codec.encode("ascii"),
     )
+    U32.pack_into(buf, MAX_PUBLISHERS_OFF, max_publishers)
     memoryview(buf).cast("B").cast("Q")[Q_MAGIC] = CONTROL_MAGIC_Q
 
 
@@ -259,8 +304,11 @@ def parse_control_header(buf: bytes | bytearray | memoryview, size: int) -> Geom
         problems.append(f"slot_size {slot_size}")
     elif 1 <= slots <= MAX_SLOTS and ring_size(slots, slot_size) > MAX_RING_BYTES:
         problems.append(f"rings of {slots} slots of {slot_size} bytes")
+    max_pubs = U32.unpack_from(buf, MAX_PUBLISHERS_OFF)[0]
     if not 1 <= max_subs <= MAX_SUBSCRIBERS or control_size(max_subs) > size:
         problems.append(f"max_subscribers {max_subs} in a {size}-byte segment")
+    elif max_pubs > MAX_PUBLISHERS or control_size(max_subs, max_pubs) > size:
+        problems.append(f"max_publishers {max_pubs} in a {size}-byte segment")
     if state not in (STATE_OPEN, STATE_CLOSED):
         problems.append(f"state {state}")
     try:
@@ -272,12 +320,18 @@ def parse_control_header(buf: bytes | bytearray | memoryview, size: int) -> Geom
     if problems:
         raise ShmcastError("corrupt shmcast bus header: " + ", ".join(problems))
     return Geometry(nonce, pid, state, slots, slot_size, max_subs, overflow, mode & 0o777,
-                    created, codec_name)
+                    created, codec_name, max_pubs)
 
 
 def read_entry(buf: bytes | bytearray | memoryview, index: int) -> Entry:
     """Read registry entry *index* (the caller checked *index* against the geometry)."""
     return Entry(*ENTRY.unpack_from(buf, entry_offset(index)))
+
+
+def read_pub_entry(buf: bytes | bytearray | memoryview, max_subscribers: int,
+                   place: int) -> PubEntry:
+    """Read publisher place *place* (checked against the geometry by the caller)."""
+    return PubEntry(*PUB_ENTRY.unpack_from(buf, entry_offset(max_subscribers + place)))
 
 
 def pack_ring_header(
@@ -335,6 +389,12 @@ __all__ = [
     "Geometry",
     "I_STATE",
     "LAYOUT_VERSION",
+    "MAX_PUBLISHERS_OFF",
+    "PUB_ENTRY",
+    "PUB_JOINED_OFF",
+    "PUB_REJECTED0_OFF",
+    "PUB_W0_OFF",
+    "PubEntry",
     "MISSED_OFF",
     "Q_EPOCH",
     "Q_MAGIC",
@@ -367,7 +427,9 @@ __all__ = [
     "pack_control_header",
     "pack_ring_header",
     "parse_control_header",
+    "pub_entry_index",
     "read_entry",
+    "read_pub_entry",
     "ring_size",
     "slot_stride",
 ]

@@ -12,6 +12,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_SLOTS = 1 << 20
 MAX_SLOT_SIZE = 64 << 20
 MAX_SUBSCRIBERS = 1024
+MAX_PUBLISHERS = 64
 MAX_RING_BYTES = 1 << 31
 MAX_TYPE_BYTES = 255
 MAX_CODEC_NAME = 32
@@ -66,8 +67,19 @@ def ring_name(name: str, nonce: int, ring_id: int) -> str:
     return f"/{PREFIX}{name}.{nonce:016x}.{ring_id:016x}"
 
 
+def inbox_name(name: str, nonce: int, index: int) -> str:
+    """The POSIX name of the inbox ring of publisher place *index* (the bus creates it)."""
+    return f"/{PREFIX}{name}.{nonce:016x}.inbox{index}"
+
+
+def drain_name(name: str, nonce: int) -> str:
+    """The POSIX name of the semaphore that wakes the bus owner's drain thread."""
+    return f"/{PREFIX}{name}.{nonce:016x}.drain"
+
+
 __all__ = [
     "MAX_CODEC_NAME",
+    "MAX_PUBLISHERS",
     "MAX_RING_BYTES",
     "MAX_SLOTS",
     "MAX_SLOT_SIZE",
@@ -77,6 +89,8 @@ __all__ = [
     "check_int",
     "check_name",
     "control_name",
+    "drain_name",
+    "inbox_name",
     "ring_name",
     "touch",
 ]

@@ -10,6 +10,11 @@ Each entry has two halves with one writer each (see ``_layout``): the
 subscriber describes its ring, the publisher says whether it serves it and
 how many events the ring missed while it could not. Every shared field is
 written with one aligned store, the entry's state last.
+
+Publisher places follow the registry and work the same way, with locks from
+``_ipc.PLACE_LOCK_BASE``; their inboxes belong to the bus, so joining and
+leaving create and remove nothing, and no epoch is bumped: the bus owner
+drains every inbox whoever holds its place.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from ._layout import (
     ERRNO_OFF,
     I_STATE,
     MISSED_OFF,
+    PUB_JOINED_OFF,
+    PUB_REJECTED0_OFF,
+    PUB_W0_OFF,
     Q_EPOCH,
     SERVE_PENDING,
     SERVED_OFF,
@@ -36,9 +44,11 @@ from ._layout import (
     entry_i,
     entry_q,
     parse_control_header,
+    pub_entry_index,
     read_entry,
+    read_pub_entry,
 )
-from ._names import control_name, ring_name
+from ._names import control_name, drain_name, inbox_name, ring_name
 
 # subscribe() may wait this long for a registry lock held by another process;
 # only a stopped (SIGSTOP) holder makes it wait at all.
@@ -57,8 +67,11 @@ class Views:
 
     def __init__(self, seg: _ipc.Segment) -> None:
         self.seg = seg
-        self.q = seg.buf.cast("Q")
-        self.i = seg.buf.cast("I")
+        # Whole u64s only: a peer may have grown the file to any size (385 bytes...),
+        # and cast() refuses a length that is not a multiple of the item size.
+        whole = seg.buf[: len(seg.buf) & ~7]
+        self.q = whole.cast("Q")
+        self.i = whole.cast("I")
 
     def release(self) -> None:
         """Drop the views so the segment can be unmapped."""
@@ -212,6 +225,55 @@ def unlink_ring(bus: str, nonce: int, ring_id: int) -> None:
     _ipc.unlink_semaphore(name)
 
 
+# Publisher places.
+def take_publisher_place(v: Views, max_subscribers: int, max_publishers: int,
+                         pid: int) -> int | None:
+    """Take the first free publisher place (state joining); its number, None if all are taken."""
+    for place in range(max_publishers):
+        if _ipc.try_lock(v.seg.fd, _ipc.PLACE_LOCK_BASE + place):
+            index = pub_entry_index(max_subscribers, place)
+            v.i[entry_i(index, 0)] = ENTRY_JOINING
+            _store(v, index, _PID, pid)
+            return place
+    return None
+
+
+def activate_publisher(v: Views, max_subscribers: int, place: int, w0: int,
+                       rejected0: int) -> None:
+    """Record where our counts start in the place's inbox, then mark the place active."""
+    index = pub_entry_index(max_subscribers, place)
+    v.q[entry_q(index, PUB_W0_OFF)] = w0
+    v.q[entry_q(index, PUB_REJECTED0_OFF)] = rejected0
+    v.q[entry_q(index, PUB_JOINED_OFF)] = int.from_bytes(_F64.pack(time.time()), "little")
+    v.i[entry_i(index, 0)] = ENTRY_ACTIVE
+
+
+def leave_publisher(v: Views, max_subscribers: int, place: int) -> None:
+    """Give up our publisher place at once; never waits."""
+    v.i[entry_i(pub_entry_index(max_subscribers, place), 0)] = ENTRY_LEFT
+    _ipc.unlock(v.seg.fd, _ipc.PLACE_LOCK_BASE + place)
+
+
+def publisher_place_held(seg: _ipc.Segment, place: int) -> bool:
+    """Whether some other open file description holds publisher place *place*."""
+    return _ipc.is_locked(seg.fd, _ipc.PLACE_LOCK_BASE + place)
+
+
+def count_publishers(seg: _ipc.Segment, max_subscribers: int, max_publishers: int) -> int:
+    """Attached live publishers: active places whose lock is held."""
+    return sum(1 for place in range(max_publishers)
+               if read_pub_entry(seg.buf, max_subscribers, place).state == ENTRY_ACTIVE
+               and publisher_place_held(seg, place))
+
+
+def unlink_publisher_objects(bus: str, nonce: int, max_publishers: int) -> None:
+    """Remove the drain semaphore and every inbox of a bus (the bus created them all)."""
+    for place in range(max_publishers):
+        _ipc.unlink_segment(inbox_name(bus, nonce, place))
+    if max_publishers:
+        _ipc.unlink_semaphore(drain_name(bus, nonce))
+
+
 def publisher_alive(seg: _ipc.Segment) -> bool:
     """Whether the publisher still holds the bus."""
     return _ipc.is_locked(seg.fd, _ipc.PUBLISHER_LOCK)
@@ -240,6 +302,8 @@ def reclaim_dead_bus(seg: _ipc.Segment, bus: str) -> bool:
             for index, entry in entries(seg, geometry.max_subscribers):
                 if entry.ring_id and not place_held(seg, index):
                     unlink_ring(bus, geometry.nonce, entry.ring_id)
+            # Before the control segment: its header is what names them.
+            unlink_publisher_objects(bus, geometry.nonce, geometry.max_publishers)
         _ipc.unlink_segment(control_name(bus))
         return True
     finally:
@@ -252,17 +316,23 @@ __all__ = [
     "Service",
     "Views",
     "activate",
+    "activate_publisher",
     "bump_epoch",
     "count_active",
+    "count_publishers",
     "entries",
     "join",
     "leave",
+    "leave_publisher",
     "missed_index",
     "place_held",
+    "publisher_place_held",
     "publisher_alive",
     "reclaim_dead_bus",
     "service",
     "set_service",
     "start_service",
+    "take_publisher_place",
+    "unlink_publisher_objects",
     "unlink_ring",
 ]

@@ -37,6 +37,7 @@ from ._layout import (
     ring_size,
 )
 from ._names import (
+    MAX_PUBLISHERS,
     MAX_RING_BYTES,
     MAX_SLOTS,
     MAX_SUBSCRIBERS,
@@ -107,7 +108,7 @@ class _Reader:
         self.parsed = False  # a bus header was read: not a bus still being created
         try:
             ctrl = _ipc.Segment.open(control_name(name), 0,
-                                     max_size=control_size(MAX_SUBSCRIBERS))
+                                     max_size=control_size(MAX_SUBSCRIBERS, MAX_PUBLISHERS))
         except FileNotFoundError:
             raise BusNotFoundError(f"no bus named {name!r} on this host") from None
         self.ctrl = ctrl

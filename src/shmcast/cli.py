@@ -88,6 +88,7 @@ def _bus_summary(info: _inspect.BusInfo | _inspect.BadBus) -> dict[str, Any]:
         "publisher_alive": info.publisher_alive,
         "state": info.state,
         "subscribers": info.live_subscribers,
+        "publishers": info.live_publishers,
         "version": info.version,
         "drops": info.drops,
         "shm_bytes": info.shm_bytes,
@@ -111,12 +112,14 @@ def _ls(args: argparse.Namespace) -> int:
     rows: list[Sequence[object]] = []
     for b in buses:
         if isinstance(b, _inspect.BadBus):
-            rows.append((b.name, "-", "?", "-", "-", "-", "-", b.error))
+            rows.append((b.name, "-", "?", "-", "-", "-", "-", "-", b.error))
         else:
+            pubs = b.live_publishers if b.max_publishers else "-"
             rows.append((b.name, b.pid, b.state if b.state != "open" else "alive",
-                         b.live_subscribers, b.version, b.drops, _human_bytes(b.shm_bytes), ""))
-    print(_table(("NAME", "PID", "PUBLISHER", "SUBS", "VERSION", "DROPS", "MEMORY", ""),
-                 rows, right={1, 3, 4, 5, 6}))
+                         b.live_subscribers, b.version, b.drops, pubs,
+                         _human_bytes(b.shm_bytes), ""))
+    print(_table(("NAME", "PID", "PUBLISHER", "SUBS", "VERSION", "DROPS", "PUBS", "MEMORY", ""),
+                 rows, right={1, 3, 4, 5, 6, 7}))
     return EXIT_OK
 
 
@@ -131,9 +134,12 @@ def _stat_json(info: _inspect.BusInfo) -> dict[str, Any]:
         slots=info.slots,
         slot_size=info.slot_size,
         max_subscribers=info.max_subscribers,
+        max_publishers=info.max_publishers,
         overflow=info.overflow,
         retired_drops=info.retired_drops,
         places=[dict(dataclasses.asdict(s), status=s.status) for s in info.subscribers],
+        publisher_places=[dict(dataclasses.asdict(p), status=p.status)
+                          for p in info.publishers],
     )
     return out
 
@@ -143,14 +149,18 @@ def _stat_text(info: _inspect.BusInfo) -> str:
     head = (
         f"bus {info.name!r}: publisher pid {info.pid} ({publisher}), version {info.version}, "
         f"{info.live_subscribers} subscriber{'s' if info.live_subscribers != 1 else ''}, "
-        f"{info.drops} dropped\n"
-        f"  codec {info.codec}, {info.slots} slots of {info.slot_size} B, "
-        f"overflow {info.overflow}, at most {info.max_subscribers} subscribers, "
-        f"mode {info.mode:04o}, {_human_bytes(info.shm_bytes)} in /dev/shm, "
+        f"{info.drops} dropped"
+        + (f", {info.live_publishers} Publisher{'s' if info.live_publishers != 1 else ''}"
+           if info.max_publishers else "")
+        + f"\n  codec {info.codec}, {info.slots} slots of {info.slot_size} B, "
+        f"overflow {info.overflow}, at most {info.max_subscribers} subscribers"
+        + (f" and {info.max_publishers} publishers" if info.max_publishers else "")
+        + f", mode {info.mode:04o}, {_human_bytes(info.shm_bytes)} in /dev/shm, "
         f"created {_ago(info.created)}"
     )
+    pubs = _publishers_text(info)
     if not info.subscribers:
-        return head + "\n\nno subscribers"
+        return head + "\n\nno subscribers" + pubs
     rows: list[Sequence[object]] = []
     for s in info.subscribers:
         fill = f"{s.fill}/{s.slots}" if s.fill is not None else "-"
@@ -159,7 +169,19 @@ def _stat_text(info: _inspect.BusInfo) -> str:
                      _dash(s.read), _clock(s.joined), note))
     table = _table(("PLACE", "PID", "ALIVE", "STATE", "FILL", "LAG", "DROPS", "READ", "JOINED",
                     ""), rows, right={0, 1, 4, 5, 6, 7})
-    return f"{head}\n\n{table}"
+    return f"{head}\n\n{table}{pubs}"
+
+
+def _publishers_text(info: _inspect.BusInfo) -> str:
+    """The table of Publisher places (what each handed to its inbox), or nothing."""
+    if not info.max_publishers:
+        return ""
+    if not info.publishers:
+        return "\n\nno publishers"
+    rows = [(p.place, p.pid, p.status, _dash(p.sent), _dash(p.dropped), _dash(p.pending),
+             p.state, _clock(p.joined), p.error or "") for p in info.publishers]
+    return "\n\n" + _table(("PUB", "PID", "ALIVE", "SENT", "DROPS", "PENDING", "STATE", "JOINED",
+                             ""), rows, right={0, 1, 3, 4, 5})
 
 
 def _stat(args: argparse.Namespace) -> int:

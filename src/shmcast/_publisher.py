@@ -1,0 +1,439 @@
+"""Publishing from other processes: a Publisher writes into its place's inbox, never waiting.
+
+The bus creates one inbox ring per publisher place. A ``Publisher`` takes a
+place by its OFD lock, encodes each event once, in its own process, and
+writes it into the inbox as the bus writes a subscriber's ring (a seqlock,
+single writer: the place lock makes it so), then posts the bus's drain
+semaphore if its value is 0. The bus owner's drain thread publishes the
+inboxes' events in its own publish path, which gives them their versions. A
+full inbox rejects the event, counted in ``dropped``: nothing on this path
+waits for another process. See docs/design.md, "Publishers".
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any, NoReturn
+
+import posix_ipc
+
+from . import _ipc, _registry
+from ._codecs import Codec, for_publisher
+from ._errors import (
+    BusNotFoundError,
+    BusPermissionError,
+    EventTooLargeError,
+    ShmcastError,
+    TooManyPublishersError,
+)
+from ._layout import (
+    I_STATE,
+    Q_END,
+    Q_R,
+    Q_REJECTED,
+    Q_W,
+    RING_HEADER_SIZE,
+    STATE_CLOSED,
+    check_ring_header,
+    control_size,
+    parse_control_header,
+    ring_size,
+    slot_stride,
+)
+from ._names import (
+    MAX_PUBLISHERS,
+    MAX_SUBSCRIBERS,
+    MAX_TYPE_BYTES,
+    check_int,
+    check_name,
+    control_name,
+    drain_name,
+    inbox_name,
+    touch,
+)
+from ._ring import frame
+
+# publish() asks the kernel whether the bus owner still holds the bus at most
+# this often (one fcntl call); the contract wants its death noticed within 2 s.
+OWNER_CHECK_PERIOD = 0.5
+
+_monotonic = time.monotonic
+_time = time.time
+
+
+class _InboxWriter:
+    """Our end of our place's inbox: ``RingWriter``'s seqlock write under ``drop_new``.
+
+    Unlike a subscriber's ring, an inbox outlives its writers, so this one goes
+    on from the ``w`` and ``rejected`` the place's last holder left (it is gone:
+    we hold the place's lock). It then posts the drain semaphore if its value
+    is 0 (see docs/design.md, "Waking"). Pure Python, like ``_ring``'s
+    writer: x86-64's store order is what keeps a reader from a torn event.
+    """
+
+    __slots__ = ("buf", "q", "rejected", "sem", "slots", "stride", "w")
+
+    def __init__(self, buf: memoryview, slots: int, slot_size: int,
+                 sem: posix_ipc.Semaphore) -> None:
+        self.buf = buf
+        self.q = q = buf.cast("Q")
+        self.slots = slots
+        self.stride = slot_stride(slot_size)
+        self.sem = sem
+        self.w = int(q[Q_W])
+        self.rejected = int(q[Q_REJECTED])
+
+    def write(self, head: bytes, tail: bytes) -> bool:
+        """Put one framed event in the inbox; False if it was full (counted in rejected)."""
+        q = self.q
+        i = self.w
+        if i - q[Q_R] >= self.slots:
+            self.rejected += 1
+            q[Q_REJECTED] = self.rejected
+            return False
+        off = RING_HEADER_SIZE + (i % self.slots) * self.stride
+        seq = off >> 3
+        q[seq] = 2 * i + 1
+        p = off + 8
+        n = len(head)
+        self.buf[p : p + n] = head
+        if tail:
+            self.buf[p + n : p + n + len(tail)] = tail
+        q[seq] = 2 * i + 2
+        self.w = i = i + 1
+        q[Q_W] = i
+        sem = self.sem
+        if sem.value == 0:  # a drain asleep, or about to be
+            sem.release()
+        return True
+
+    def release(self) -> None:
+        self.q.release()
+
+
+class _Sender:
+    """Everything a Publisher owns; kept apart so a finalizer can end it.
+
+    Locking as in the bus: ``lock`` is reentrant so that close() from a signal
+    handler, while the interrupted code of the same thread is inside
+    publish(), gets it at once; ``busy`` then tells it that a write is under
+    way below it, and the place is given up only when that write is done (a
+    new holder writing into the same inbox meanwhile would tear the event).
+    The inbox stays mapped after close(), so that ``dropped`` can still count
+    the events the bus never drained if it closes first.
+    """
+
+    def __init__(self, name: str, codec: object, owner: int | None) -> None:
+        self.name = name
+        self.pid = os.getpid()
+        self.forked = False
+        self.lock = threading.RLock()
+        self.busy = False
+        self.closed = False
+        self.left = False
+        self.released = False
+        self.ended: str | None = None  # why publish() raises from now on
+        self.owner_dead = False
+        self.parsed = False
+        self.next_check = 0.0
+        self.types: dict[str, bytes] = {}
+        self.views: _registry.Views | None = None
+        self.inbox: _ipc.Segment | None = None
+        self.writer: _InboxWriter | None = None
+        self.sem: posix_ipc.Semaphore | None = None
+        self.place: int | None = None
+        self.max_subscribers = 0
+        self.w0 = self.rejected0 = 0
+        self.final_dropped = 0
+        try:
+            ctrl = _ipc.Segment.open(control_name(name), 0,
+                                     max_size=control_size(MAX_SUBSCRIBERS, MAX_PUBLISHERS))
+        except FileNotFoundError:
+            raise BusNotFoundError(f"no bus named {name!r} on this host") from None
+        self.ctrl = ctrl
+        try:
+            self._attach(codec, owner)
+        except BaseException:
+            self._leave()
+            self._release(unmap_inbox=True)
+            raise
+        _ipc.track_fork(self)
+
+    def after_fork_in_child(self) -> None:
+        self.forked = True
+        self.lock = threading.RLock()
+
+    def _attach(self, codec: object, owner: int | None) -> None:
+        ctrl = self.ctrl
+        # Before reading a byte of it: a segment another user made could say anything.
+        want = os.geteuid() if owner is None else owner
+        got = ctrl.owner()
+        if got != want:
+            raise BusPermissionError(
+                f"bus {self.name!r} belongs to uid {got}, not {want}: pass owner={got} to "
+                "Publisher only if you trust that user"
+            )
+        g = parse_control_header(ctrl.buf, ctrl.size)
+        self.parsed = True
+        if g.state == STATE_CLOSED:
+            raise BusNotFoundError(f"bus {self.name!r} is closed")
+        if not _registry.publisher_alive(ctrl):
+            raise BusNotFoundError(
+                f"bus {self.name!r} is dead: its owner (pid {g.pid}) exited without closing it"
+            )
+        if g.max_publishers == 0:
+            raise TooManyPublishersError(
+                f"bus {self.name!r} allows no publishers: its owner must create it with "
+                "Bus(..., max_publishers=N)"
+            )
+        self.codec: Codec = for_publisher(g.codec, codec)
+        self.dumps = self.codec.dumps
+        self.slot_size = g.slot_size
+        self.max_subscribers = g.max_subscribers
+        self.views = views = _registry.Views(ctrl)
+        self.place = _registry.take_publisher_place(views, g.max_subscribers, g.max_publishers,
+                                                    self.pid)
+        if self.place is None:
+            raise TooManyPublishersError(
+                f"bus {self.name!r} has all its {g.max_publishers} publisher places taken"
+            )
+        iname = inbox_name(self.name, g.nonce, self.place)
+        size = ring_size(g.slots, g.slot_size)
+        try:
+            # Map exactly what the geometry says, whatever the file's size now.
+            self.inbox = _ipc.Segment.open(iname, size, max_size=size)
+            self.inbox.drop_fd()  # no lock lives on it; fds are a limited resource
+            check_ring_header(self.inbox.buf, self.inbox.size, slots=g.slots,
+                              slot_size=g.slot_size, nonce=g.nonce, ring_id=self.place)
+            self.sem = _ipc.open_semaphore(drain_name(self.name, g.nonce))
+        except FileNotFoundError:
+            # The bus creates its inboxes right after its header, and removes them when
+            # it closes: either way, no bus to publish on.
+            raise BusNotFoundError(
+                f"bus {self.name!r} is closed or still being created") from None
+        self.writer = writer = _InboxWriter(self.inbox.buf, g.slots, g.slot_size, self.sem)
+        self.w0, self.rejected0 = writer.w, writer.rejected
+        if writer.q[Q_END]:
+            raise BusNotFoundError(f"bus {self.name!r} is closed")
+        _registry.activate_publisher(views, g.max_subscribers, self.place, self.w0,
+                                     self.rejected0)
+        self.ctrl_i = views.i
+
+    # The hot path.
+    def publish(self, type_: str, payload: Any) -> None:
+        tb = self.types.get(type_)
+        if tb is None:
+            tb = self._type_bytes(type_)
+        data = self.dumps(payload)
+        if len(data) > self.slot_size:
+            raise EventTooLargeError(
+                f"encoded event is {len(data)} bytes; this bus's slot_size is {self.slot_size}"
+            )
+        with self.lock:
+            if self.closed or self.forked or self.ended:
+                self._raise_unusable()
+            writer = self.writer
+            if writer is None:
+                self._raise_unusable()
+            if self.ctrl_i[I_STATE] == STATE_CLOSED or writer.q[Q_END]:
+                self._end("the bus was closed")
+            now = _monotonic()
+            if now >= self.next_check:
+                self.next_check = now + OWNER_CHECK_PERIOD
+                if not _registry.publisher_alive(self.ctrl):
+                    self.owner_dead = True
+                    self._end("its owner died")
+            self.busy = True
+            try:
+                # The slot's version field carries our own count; the bus gives the real one.
+                head, tail = frame(writer.w + 1, _time(), tb, data)
+                writer.write(head, tail)  # a full inbox rejects it, counted; never waits
+            finally:
+                self.busy = False
+            if self.closed:  # a signal handler closed us under the write
+                self._leave()
+                self._release()
+
+    def _type_bytes(self, type_: str) -> bytes:
+        if not isinstance(type_, str):
+            raise TypeError(f"event type must be a str, not {type(type_).__name__}")
+        tb = type_.encode()
+        if len(tb) > MAX_TYPE_BYTES:
+            raise ValueError(f"event type is {len(tb)} bytes in UTF-8; at most {MAX_TYPE_BYTES}")
+        if len(self.types) < 1024:
+            self.types[type_] = tb
+        return tb
+
+    def _raise_unusable(self) -> NoReturn:
+        if self.forked:
+            raise ShmcastError(
+                f"this Publisher of bus {self.name!r} belongs to process {self.pid}; a forked "
+                "child must create its own"
+            )
+        if self.ended:
+            raise ShmcastError(f"bus {self.name!r} cannot be published on: {self.ended}")
+        raise ShmcastError(f"this Publisher of bus {self.name!r} is closed")
+
+    def _end(self, why: str) -> NoReturn:
+        """The bus is gone: give up the place and raise (lock held)."""
+        self.ended = why
+        self._leave()
+        self._release()
+        self._raise_unusable()
+
+    def dropped(self) -> int:
+        """Events we could not hand over, plus, once the bus drains no more, those it left."""
+        writer = self.writer
+        if writer is None or self.inbox is None or self.inbox.closed:
+            return self.final_dropped
+        mine = writer.rejected - self.rejected0
+        if self.owner_dead or writer.q[Q_END]:
+            mine += max(0, writer.w - max(int(writer.q[Q_R]), self.w0))
+        return mine
+
+    # Ending.
+    def close(self) -> None:
+        with self.lock:
+            if self.forked or self.closed:
+                return
+            self.closed = True
+            if not self.busy:
+                self._leave()
+                self._release()
+
+    def _leave(self) -> None:
+        """Give up our place (it frees at once); a dead bus is removed by whoever notices."""
+        if self.left or self.forked:
+            return
+        self.left = True
+        if self.views is not None and self.place is not None:
+            _registry.leave_publisher(self.views, self.max_subscribers, self.place)
+        if self.parsed and not self.ctrl.closed and not _registry.publisher_alive(self.ctrl):
+            self.owner_dead = True
+            _registry.reclaim_dead_bus(self.ctrl, self.name)
+
+    def _release(self, *, unmap_inbox: bool = False) -> None:
+        """Close every handle but the inbox's mapping (``dropped`` reads it). Idempotent."""
+        if self.forked:
+            return
+        if not self.released:
+            self.released = True
+            if self.sem is not None:
+                self.sem.close()
+            if self.views is not None:
+                self.views.release()
+            self.ctrl.close()
+        if unmap_inbox and self.inbox is not None and not self.inbox.closed:
+            self.final_dropped = self.dropped()
+            if self.writer is not None:
+                self.writer.release()
+            self.inbox.close()
+
+    def finalize(self) -> None:
+        """Leave the place when the Publisher is collected, or at interpreter exit."""
+        if self.forked:
+            return
+        if not self.lock.acquire(timeout=1.0):
+            return
+        try:
+            self.closed = True
+            if not self.busy:
+                self._leave()
+                self._release(unmap_inbox=True)
+        finally:
+            self.lock.release()
+
+
+class Publisher:
+    """Publish on a bus from any process of the same user; the bus owner's process delivers.
+
+    Needs a bus created with ``Bus(..., max_publishers=N)``, N > 0. Each event
+    is encoded here, once, and handed to the bus without waiting for anything:
+    an event that cannot be handed over at once (the owner is stopped or far
+    behind) is dropped and counted in :attr:`dropped`. The bus gives every
+    event its version, so all subscribers see one total order, in which each
+    publisher's events keep their order. Thread-safe.
+
+    :param name: the bus name.
+    :param codec: needed only for a bus with a custom codec (one of the same name);
+        json, raw and pickle buses are known by name.
+    :param owner: the uid whose bus this is, if not the caller's effective uid.
+    :raises BusNotFoundError: if no live bus has that name (or it is closed, or
+        still being created).
+    :raises BusPermissionError: if the bus belongs to another user than *owner*.
+    :raises TooManyPublishersError: if every publisher place is taken, or the bus
+        allows none.
+    :raises ShmcastError: if the segment is not a shmcast bus of this layout, or the
+        codec does not match.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "_s", "name")
+
+    def __init__(self, name: str, *, codec: str | Codec | None = None,
+                 owner: int | None = None) -> None:
+        check_name(name)
+        if owner is not None:
+            check_int("owner", owner, 0, 2**32 - 1)
+        _ipc.check_memory_model()
+        touch(name)
+        self.name = name
+        self._s = _Sender(name, codec, owner)
+        self._finalizer = weakref.finalize(self, self._s.finalize)
+
+    def publish(self, type: str, payload: Any = None) -> None:
+        """Encode *payload* once and hand the event to the bus; never waits.
+
+        An event that cannot be handed over at once is dropped and counted in
+        :attr:`dropped`.
+
+        :raises EventTooLargeError: if the encoded payload exceeds the bus's
+            ``slot_size``; nothing is published.
+        :raises TypeError: if the codec cannot encode *payload* (json); nothing is published.
+        :raises ShmcastError: if the bus was closed or its owner died (noticed
+            within 0.5 s), if this Publisher is closed, or if this process
+            inherited it by fork().
+        """
+        self._s.publish(type, payload)
+
+    @property
+    def dropped(self) -> int:
+        """Events given to :meth:`publish` that no subscriber will ever get from the bus:
+        rejected by a full inbox, or left in it when the bus closed or its owner died."""
+        s = self._s
+        with s.lock:
+            return s.dropped()
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called or the bus ended."""
+        return self._s.closed or self._s.ended is not None
+
+    def close(self) -> None:
+        """Detach from the bus (the place frees at once); the bus lives on. Idempotent.
+
+        Events already handed over are still delivered. Safe from any thread and
+        from a signal handler.
+        """
+        self._s.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Publisher cannot be pickled: create one in the other process")
+
+    def __repr__(self) -> str:
+        s = self._s
+        state = f"ended ({s.ended})" if s.ended else "closed" if s.closed else "open"
+        return f"<shmcast.Publisher {self.name!r} {state}>"
+
+
+__all__ = ["Publisher"]
