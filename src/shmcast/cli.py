@@ -158,7 +158,7 @@ def _stat_text(info: _inspect.BusInfo) -> str:
         + f", mode {info.mode:04o}, {_human_bytes(info.shm_bytes)} in /dev/shm, "
         f"created {_ago(info.created)}"
     )
-    pubs = _publishers_text(info)
+    pubs = _publishers_text(info) + _bridges_text(info.name)
     if not info.subscribers:
         return head + "\n\nno subscribers" + pubs
     rows: list[Sequence[object]] = []
@@ -182,6 +182,14 @@ def _publishers_text(info: _inspect.BusInfo) -> str:
              p.state, _clock(p.joined), p.error or "") for p in info.publishers]
     return "\n\n" + _table(("PUB", "PID", "ALIVE", "SENT", "DROPS", "PENDING", "STATE", "JOINED",
                              ""), rows, right={0, 1, 3, 4, 5})
+
+
+def _bridges_text(name: str) -> str:
+    """The bridges of this bus (docs/howto-bridge.md), from their status files, or nothing."""
+    from .bridge import status_lines
+
+    lines = status_lines(name)
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def _stat(args: argparse.Namespace) -> int:
@@ -377,6 +385,41 @@ def _clean(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else EXIT_OK
 
 
+# --------------------------------------------------------------------------- bridge
+
+
+def _bridge(args: argparse.Namespace) -> int:
+    from . import bridge as _br
+
+    if args.status:
+        found = list(_br.read_status(args.name, args.state_dir))
+        if args.json:
+            print(json.dumps(found))
+        else:
+            where = args.state_dir or _br.default_state_dir()
+            print("\n".join(_br.status_lines(args.name, args.state_dir))
+                  or f"no bridge of bus {args.name!r} in {where}")
+        return EXIT_OK
+    if not args.redis:
+        raise ValueError("--redis URL is required (or --status)")
+    br = _br.Bridge(args.name, args.redis, stream=args.stream, direction=args.direction,
+                    host_id=args.host_id, maxlen=args.maxlen, block_ms=args.block_ms,
+                    start=args.start, state_dir=args.state_dir)
+
+    def on_signal(signum: int, frame: object) -> None:
+        br.request_stop()
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    print(f"shmcast bridge: bus {args.name!r} <-> {br.key!r} at {args.redis} as host "
+          f"{br.host!r} ({args.direction}); status in {br.status_path}", file=sys.stderr,
+          flush=True)
+    ended = br.run()
+    print(f"shmcast bridge: {ended}; in {br.stats.events_in}, out {br.stats.events_out}, "
+          f"gaps {br.stats.gaps} ({br.stats.gap_events} events)", file=sys.stderr)
+    return EXIT_OK if ended == "stopped" else EXIT_ERROR
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -465,6 +508,31 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--dry-run", "-n", action="store_true",
                     help="list what would be removed, remove nothing")
     cl.set_defaults(func=_clean)
+
+    br = sub.add_parser("bridge", help="bridge a bus to other hosts through a Redis stream",
+                        description="Carry bus NAME's events to and from the same bus on other "
+                                    "hosts through one Redis stream, one connection per host. "
+                                    "Runs until Ctrl-C or SIGTERM, or the bus ends. "
+                                    "See docs/howto-bridge.md.")
+    br.add_argument("name", metavar="NAME")
+    br.add_argument("--redis", metavar="URL", help="redis://host:port/db")
+    br.add_argument("--stream", metavar="KEY", help="stream key (default shmcast:NAME)")
+    br.add_argument("--direction", choices=("in", "out", "both"), default="both")
+    br.add_argument("--host-id", metavar="ID", help="this host's id (default: the hostname)")
+    br.add_argument("--maxlen", type=_positive_int, default=100_000, metavar="N",
+                    help="XADD MAXLEN ~ N (default 100000)")
+    br.add_argument("--block-ms", type=_positive_int, default=5, metavar="MS",
+                    help="XREAD BLOCK time; with both directions, the longest a local event "
+                         "waits to be sent (default 5)")
+    br.add_argument("--start", choices=("end", "begin"), default="end",
+                    help="where a bridge without saved state starts reading (default end)")
+    br.add_argument("--state-dir", metavar="DIR",
+                    help="state and status files (default $SHMCAST_RUN_DIR, "
+                         "$XDG_RUNTIME_DIR/shmcast or /tmp/shmcast-UID)")
+    br.add_argument("--status", action="store_true",
+                    help="print the counters of this bus's bridges and exit")
+    br.add_argument("--json", action="store_true", help="with --status: JSON")
+    br.set_defaults(func=_bridge)
 
     demo = sub.add_parser("demo", help="run a publisher and subscriber processes, check invariants")
     demo.add_argument("--events", type=int, default=20_000)

@@ -1,0 +1,920 @@
+"""Bridge a bus across hosts through one Redis Stream, one Redis connection per host.
+
+Each host runs one :class:`Bridge` (a thread, or ``shmcast bridge NAME --redis
+URL``) next to its bus. *Out*, it subscribes to the local bus and appends every
+event there (the owner's and every :class:`~shmcast.Publisher`'s) to the
+stream with ``XADD KEY MAXLEN ~ N * ...``; *in*, it reads the stream with
+``XREAD BLOCK`` from the last id it delivered and publishes each other host's
+entry into the local bus through a ``Publisher``. Every subscriber, ``Hub`` and
+SSE client of every host then reads the events of all hosts from shared
+memory; the network carries one stream per host. See docs/howto-bridge.md.
+
+Wire format, one stream entry per event::
+
+    XADD KEY MAXLEN ~ N * type T data D origin HOST version V ts TS epoch E seq S
+
+``data`` is the event's encoded payload as published (``event.data``),
+``version`` its version on the origin's bus. ``epoch``/``seq`` number the
+origin's events: ``seq`` grows by one per local event of the origin, lost or
+sent, within one ``epoch`` (a random number picked with the bridge's state).
+
+Local events from other hosts carry the stream id and the origin in their
+type: ``shmcast.in:<stream id>:<origin>:<type>`` (:func:`remote` takes it
+apart), and their payload bytes unchanged. Types beginning with ``shmcast.``
+are reserved for the bridge: they are never sent out. That is the loop
+prevention, and it is exact: an event the bridge published locally carries
+that prefix, one published by anyone else does not (unless they use the
+reserved prefix, which they must not).
+
+Accounting: every entry is delivered once or counted. A receiver keeps, per
+origin, the last ``(epoch, seq)`` it delivered: an entry at or below it is a
+duplicate (a retried ``XADD``) and is skipped; a jump is a gap (entries trimmed
+by ``MAXLEN`` before they were read, lost with a Redis restart, or lost at the
+origin, which marks them by advancing its ``seq``). The gaps found in one
+``XREAD`` batch become ONE local event of type ``shmcast.gap`` (payload
+``{"count", "origins", "after", "before", "reason"}``), published before the
+batch's events, and are summed in :attr:`Bridge.stats`. Whether entries were
+trimmed is also seen by comparing the last id with ``XINFO STREAM``'s first
+entry; the count comes from the per-origin numbering, which is exact and
+needs no counting of the stream's history.
+
+The bridge's position survives SIGKILL: a small state file (mapped memory,
+two copies written alternately, each valid only once completely written)
+holds the last id delivered, the per-origin numbering, the out numbering, and
+an *intent* written before each local publish. A bridge restarted after a
+kill inside a publish reads the inbox the dead one wrote to, to tell whether
+that event was handed over, so it is neither lost nor published twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import pickle
+import random
+import re
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ._errors import ShmcastError, StreamClosed
+from ._event import Event
+
+RESERVED_PREFIX = "shmcast."
+IN_PREFIX = "shmcast.in:"
+GAP_TYPE = "shmcast.gap"
+
+_HOST_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_ID_RE = re.compile(rb"(\d+)-(\d+)")
+MAX_ORIGINS = 64
+_INBOX_PATIENCE = 5.0  # s: how long an entry waits for room in a full inbox before it is a gap
+_UNSEEN_LIMIT = 2.0  # s: an own event not seen back by then, while versions are missing, was lost
+
+DIRECTIONS = ("in", "out", "both")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclasses.dataclass(frozen=True)
+class Remote:
+    """What the type of an event from another host says: see :func:`remote`."""
+
+    stream_id: str  #: the entry's id in the Redis stream (resume from it)
+    origin: str  #: the host id of the bridge that sent it
+    type: str  #: the type it was published with on its origin
+
+
+def remote(event: Event | str) -> Remote | None:
+    """Take apart the type of an event a bridge brought from another host; None for a local one.
+
+    >>> remote("shmcast.in:1700000000000-0:h1:members")
+    Remote(stream_id='1700000000000-0', origin='h1', type='members')
+    """
+    type_ = event if isinstance(event, str) else event.type
+    if not type_.startswith(IN_PREFIX):
+        return None
+    parts = type_[len(IN_PREFIX):].split(":", 2)
+    if len(parts) != 3:
+        return None
+    return Remote(parts[0], parts[1], parts[2])
+
+
+def default_state_dir() -> Path:
+    """Where bridges keep their state and status files: ``$SHMCAST_RUN_DIR``, else
+    ``$XDG_RUNTIME_DIR/shmcast``, else ``/tmp/shmcast-<uid>``."""
+    env = os.environ.get("SHMCAST_RUN_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "shmcast"
+    return Path(f"/tmp/shmcast-{os.geteuid()}")
+
+
+def _slug(key: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", key)[:40]
+    return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"  # noqa: S324 (a file name)
+
+
+def _parse_id(raw: bytes) -> tuple[int, int]:
+    m = _ID_RE.fullmatch(raw)
+    if m is None:
+        raise ShmcastError(f"not a stream id: {raw!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _fmt_id(ident: tuple[int, int]) -> str:
+    return f"{ident[0]}-{ident[1]}"
+
+
+class _Bytes:
+    """A codec that hands bytes through: the bridge forwards payloads exactly as encoded."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        return bytes(obj)
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return data
+
+
+# --------------------------------------------------------------------------- state file
+
+_MAGIC = b"SHMCBRG1"
+_HEAD = struct.Struct("<QQ QQqQ 32sQQ H256s QQQ QQ QI")
+_ORIGIN = struct.Struct("<32sQQ")
+_COPY_OFF = (64, 64 + 4096)
+_STATE_SIZE = 64 + 2 * 4096
+assert _HEAD.size + MAX_ORIGINS * _ORIGIN.size + 8 <= 4096
+
+
+class _State:
+    """The bridge's position, kept in a mapped file so that it survives SIGKILL.
+
+    Two copies, written alternately: a copy's generation (its first 8 bytes) is
+    zeroed, its body copied, then its generation stored (one aligned store). A
+    process killed in between leaves that copy invalid and the other one
+    whole; the reader takes the valid copy of the highest generation.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShmcastError(f"another bridge already runs with the state file {path}") from None
+        self.fd = fd
+        fresh = os.fstat(fd).st_size < _STATE_SIZE
+        if fresh:
+            os.ftruncate(fd, _STATE_SIZE)
+        self.mm = mmap.mmap(fd, _STATE_SIZE)
+        self.buf = memoryview(self.mm)
+        self.q = self.buf.cast("Q")
+        # The fields (see _HEAD).
+        self.last_in = (0, 0)
+        self.intent = (0, 0)
+        self.intent_place = -1
+        self.intent_w = 0
+        self.intent_origin = ""
+        self.intent_epoch = 0
+        self.intent_seq = 0
+        self.intent_type = b""
+        self.nonce = 0  # of the local bus the versions below are about
+        self.last_version = 0  # L: the last local version the out side has processed
+        self.unseen = 0  # k: own events handed to the bus, not yet seen back
+        self.missing = 0  # m: local versions missed, not yet attributed
+        self.out_epoch = 0
+        self.out_seq = 0
+        self.gen = 0
+        self.origins: dict[str, tuple[int, int]] = {}
+        self.loaded = False
+        if not fresh and bytes(self.buf[:8]) == _MAGIC:
+            self._load()
+        if not self.loaded:
+            self.buf[:8] = _MAGIC
+            self.out_epoch = random.getrandbits(63) or 1
+        self.table = bytearray(MAX_ORIGINS * _ORIGIN.size)
+        self.slot_of: dict[str, int] = {}
+        for i, (origin, (epoch, seq)) in enumerate(list(self.origins.items())[:MAX_ORIGINS]):
+            self.slot_of[origin] = i
+            _ORIGIN.pack_into(self.table, i * _ORIGIN.size, origin.encode(), epoch, seq)
+
+    def _load(self) -> None:
+        best: tuple[int, int] | None = None
+        for off in _COPY_OFF:
+            gen = self.q[off // 8]
+            if gen and (best is None or gen > best[0]):
+                best = (gen, off)
+        if best is None:
+            return
+        gen, off = best
+        f = _HEAD.unpack_from(self.buf, off + 8)
+        (lm, ls, im, is_, self.intent_place, self.intent_w, origin, self.intent_epoch,
+         self.intent_seq, tlen, ttype, self.nonce, self.last_version, self.unseen,
+         self.missing, self.out_epoch, self.out_seq, n) = f
+        self.last_in, self.intent = (lm, ls), (im, is_)
+        self.intent_origin = origin.rstrip(b"\0").decode()
+        self.intent_type = ttype[:tlen]
+        base = off + 8 + _HEAD.size
+        for i in range(min(n, MAX_ORIGINS)):
+            o, e, s = _ORIGIN.unpack_from(self.buf, base + i * _ORIGIN.size)
+            self.origins[o.rstrip(b"\0").decode()] = (e, s)
+        self.gen = gen
+        self.loaded = True
+
+    def set_origin(self, origin: str, epoch: int, seq: int) -> None:
+        self.origins[origin] = (epoch, seq)
+        i = self.slot_of.get(origin)
+        if i is None:
+            if len(self.slot_of) >= MAX_ORIGINS:
+                return  # kept in memory only: documented limit
+            i = self.slot_of[origin] = len(self.slot_of)
+        _ORIGIN.pack_into(self.table, i * _ORIGIN.size, origin.encode(), epoch, seq)
+
+    def save(self) -> None:
+        self.gen += 1
+        off = _COPY_OFF[self.gen % 2]
+        body = _HEAD.pack(
+            self.last_in[0], self.last_in[1], self.intent[0], self.intent[1], self.intent_place,
+            self.intent_w, self.intent_origin.encode(), self.intent_epoch, self.intent_seq,
+            len(self.intent_type), self.intent_type, self.nonce, self.last_version, self.unseen,
+            self.missing, self.out_epoch, self.out_seq, len(self.slot_of),
+        )
+        q = self.q
+        q[off // 8] = 0
+        n = len(body)
+        self.buf[off + 8 : off + 8 + n] = body
+        self.buf[off + 8 + n : off + 8 + n + len(self.table)] = self.table
+        q[off // 8] = self.gen
+
+    def close(self) -> None:
+        self.q.release()
+        self.buf.release()
+        self.mm.close()
+        os.close(self.fd)
+
+
+def _was_handed(name: str, place: int, w: int, type_bytes: bytes) -> bool | None:
+    """Did the dead bridge's last publish reach its inbox? True, False, or None (cannot tell).
+
+    The publish wrote write number *w* of place *place*'s inbox if it got that
+    far: the slot holds it (seq 2w+2) with our type, unless later writes of a
+    new holder of the place went round the ring since.
+    """
+    from . import _inspect, _ipc
+    from ._layout import RING_HEADER_SIZE, slot_stride
+    from ._names import inbox_name
+
+    try:
+        g = _inspect.read_geometry(name)
+        counts = _inspect._read_inbox(g, name, place)
+        if isinstance(counts, str):
+            return None
+        w_now = counts[0]
+        if w_now <= w:
+            return False
+        with _ipc.open_readonly(inbox_name(name, g.nonce, place), RING_HEADER_SIZE) as seg:
+            off = RING_HEADER_SIZE + (w % g.slots) * slot_stride(g.slot_size)
+            seq, = struct.unpack_from("<Q", seg.buf, off)
+            if seq != 2 * w + 2:
+                return None
+            tlen, = struct.unpack_from("<H", seg.buf, off + 24)
+            return bytes(seg.buf[off + 32 : off + 32 + tlen]) == type_bytes
+    except (OSError, ShmcastError):
+        return None
+
+
+# --------------------------------------------------------------------------- the bridge
+
+
+@dataclasses.dataclass
+class Stats:
+    """The bridge's counters (:attr:`Bridge.stats`, the status file, ``shmcast stat``)."""
+
+    name: str
+    host: str
+    stream: str
+    direction: str
+    pid: int = 0
+    connected: bool = False
+    last_id: str = "0-0"  #: the last stream id delivered (or skipped as our own)
+    lag_ms: int = 0  #: how far (ms of stream ids) the last id is behind the stream's newest
+    events_in: int = 0  #: entries of other hosts published into the local bus
+    events_out: int = 0  #: local events appended to the stream
+    duplicates: int = 0  #: entries skipped because already delivered (retried XADDs)
+    gaps: int = 0  #: gap events published on the local bus
+    gap_events: int = 0  #: events those gaps counted (never delivered here)
+    trims: int = 0  #: times XINFO STREAM showed entries trimmed past our last id
+    in_rejected: int = 0  #: entries the local bus could not take (too large, inbox full)
+    out_lost: int = 0  #: local events lost before they were sent (ring drops, downtime)
+    uncertain: int = 0  #: restarts where the last publish could not be told (counted as gap)
+    reconnects: int = 0
+    error: str = ""
+    updated: float = 0.0
+
+
+class Bridge:
+    """One host's end of a cross-host bus: local bus NAME <-> Redis stream *stream*.
+
+    :param name: the local bus (it must exist; for ``in`` and ``both`` it needs
+        ``max_publishers`` >= 1).
+    :param redis_url: ``redis://host:port/db`` (or ``unix://path``).
+    :param stream: the stream key, the same on every host (default ``shmcast:NAME``).
+    :param direction: ``"out"`` (local -> stream), ``"in"`` (stream -> local) or ``"both"``.
+    :param host_id: this host's id in the stream (default: the hostname), 1 to 32
+        of ``[A-Za-z0-9_.-]``; every host of a stream needs its own.
+    :param maxlen: the stream's approximate length bound (``MAXLEN ~``).
+    :param block_ms: how long one ``XREAD`` blocks. With ``both`` this is also how
+        long a local event may wait before it is sent (one connection does both).
+    :param slots: ring size of the bridge's own subscription to the local bus.
+    :param start: where a bridge without state begins reading: ``"end"`` (new
+        entries only) or ``"begin"`` (the whole stream).
+    :param state_dir: where the state and status files live (:func:`default_state_dir`).
+    :param codec: only for a bus with a custom codec (to encode gap events).
+    """
+
+    def __init__(self, name: str, redis_url: str, *, stream: str | None = None,
+                 direction: str = "both", host_id: str | None = None, maxlen: int = 100_000,
+                 block_ms: int = 5, slots: int = 1024, start: str = "end",
+                 state_dir: str | os.PathLike[str] | None = None, codec: object = None,
+                 connect_timeout: float = 2.0, backoff_max: float = 2.0) -> None:
+        from ._names import check_name
+
+        check_name(name)
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+        host = host_id if host_id is not None else socket.gethostname().split(".")[0]
+        if not _HOST_RE.fullmatch(host):
+            raise ValueError(f"host id must be 1 to 32 of [A-Za-z0-9_.-], not {host!r}")
+        if start not in ("end", "begin"):
+            raise ValueError("start must be 'end' or 'begin'")
+        if maxlen < 1 or block_ms < 1:
+            raise ValueError("maxlen and block_ms must be positive")
+        self.name = name
+        self.url = redis_url
+        self.key = stream or f"shmcast:{name}"
+        self.direction = direction
+        self.host = host
+        self.maxlen = maxlen
+        self.block_ms = block_ms if direction == "both" else max(block_ms, 200)
+        self.slots = slots
+        self.start_at = start
+        self.codec = codec
+        self.connect_timeout = connect_timeout
+        self.backoff_max = backoff_max
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        base = f"bridge.{name}.{_slug(self.key)}"
+        self.state_path = self.state_dir / f"{base}.state"
+        self.status_path = self.state_dir / f"{base}.json"
+        self.stats = Stats(name=name, host=host, stream=self.key, direction=direction)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+        self.ended: str | None = None  # why run() returned
+        self._ready = threading.Event()
+        self._first: Event | None = None
+        self._connected_once = False
+        self._trimmed = False
+        self._local_gap = 0  # in-side losses not yet reported on the local bus
+        self._local_gap_reason: set[str] = set()
+        self._pending_out: list[list[Any]] = []
+
+    # --- lifecycle
+
+    def start(self) -> Bridge:
+        """Run the bridge in a daemon thread; returns self (see :meth:`wait_ready`)."""
+        self._thread = threading.Thread(target=self.run, name=f"shmcast-bridge-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until the bridge is attached to its bus (and so sees every later event)."""
+        return self._ready.wait(timeout)
+
+    def request_stop(self) -> None:
+        """Ask the bridge to end, without waiting (safe in a signal handler)."""
+        self._stop.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the bridge to end and wait for it (at most *timeout*). Idempotent."""
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+    def __enter__(self) -> Bridge:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the loop
+
+    def run(self) -> str:
+        """Run until :meth:`stop` or the local bus ends; returns why it ended."""
+        from ._inspect import read_geometry
+        from ._publisher import Publisher
+        from ._subscription import subscribe
+
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.stats.pid = os.getpid()
+        st = self._st = _State(self.state_path)
+        self._sub: Any = None
+        self._pub: Any = None
+        try:
+            g = read_geometry(self.name)
+            self._bus_codec = g.codec
+            self._bytes = _Bytes(g.codec)
+            if st.nonce != g.nonce:  # another bus (or the first run): versions start anew
+                st.nonce, st.last_version, st.unseen, st.missing = g.nonce, 0, 0, 0
+            # Own events handed over by a previous run, not yet seen back: anonymous.
+            self._own: deque[tuple[bytes | None, bytes | None, float]] = deque()
+            now = time.monotonic()
+            self._resolve_intent(now)
+            for _ in range(st.unseen - len(self._own)):
+                self._own.appendleft((None, None, now))
+            st.save()
+            if self.direction != "in":
+                self._sub = subscribe(self.name, slots=self.slots, codec=self._bytes)
+            if self.direction != "out":
+                self._pub = self._attach_publisher(Publisher)
+            self._ready.set()
+            self._loop()
+        except StreamClosed as e:
+            self.ended = f"the local bus ended ({e.reason})"
+        except ShmcastError as e:
+            self.ended = "stopped" if self._stop.is_set() else str(e)
+        finally:
+            self._ready.set()
+            self._disconnect()
+            if self._sub is not None:
+                self._sub.unsubscribe()
+            if self._pub is not None:
+                self._pub.close()
+            self.stats.connected = False
+            self.stats.error = "" if self.ended in (None, "stopped") else str(self.ended)
+            self._write_status()
+            st.close()
+        if self.ended is None:
+            self.ended = "stopped"
+        return self.ended
+
+    def _attach_publisher(self, cls: Any) -> Any:
+        from ._errors import TooManyPublishersError
+
+        deadline = time.monotonic() + 3.0
+        while True:  # the place of a killed predecessor frees within a second
+            try:
+                return cls(self.name, codec=self._bytes)
+            except TooManyPublishersError:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                time.sleep(0.05)
+
+    def _resolve_intent(self, now: float) -> None:
+        st = self._st
+        if st.intent == (0, 0):
+            return
+        handed = None
+        if st.intent_place >= 0:
+            handed = _was_handed(self.name, st.intent_place, st.intent_w, st.intent_type)
+        if handed is False:
+            pass  # not handed over: it will be read again from last_in and published
+        else:
+            # Handed over (or cannot tell: then never twice, and counted).
+            st.last_in = st.intent
+            st.set_origin(st.intent_origin, st.intent_epoch, st.intent_seq)
+            if handed:
+                st.unseen += 1
+            else:
+                self.stats.uncertain += 1
+                self._local_gap += 1
+                self._local_gap_reason.add("bridge restarted inside a publish")
+        st.intent = (0, 0)
+
+    def _loop(self) -> None:
+        backoff = 0.05
+        next_status = 0.0
+        next_info = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_status:
+                next_status = now + 0.5
+                self._write_status()
+            if self._conn is None:
+                try:
+                    self._connect()
+                    backoff = 0.05
+                    next_info = 0.0
+                except Exception as e:  # noqa: BLE001 (any failure to connect: retry)
+                    self.stats.error = f"connect: {e}"
+                    self._stop.wait(backoff * (0.5 + random.random()))  # noqa: S311
+                    backoff = min(self.backoff_max, backoff * 2)
+                    continue
+            try:
+                self._round(now >= next_info)
+                if now >= next_info:
+                    next_info = now + 0.5
+            except (OSError, ConnectionError, TimeoutError) as e:
+                self._lost_connection(e)
+            except Exception as e:
+                import redis
+
+                if isinstance(e, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+                    self._lost_connection(e)
+                else:
+                    raise
+
+    def _lost_connection(self, e: BaseException) -> None:
+        self.stats.error = f"redis: {e}"
+        self._disconnect()
+        self._stop.wait(0.05)
+
+    def _connect(self) -> None:
+        import redis
+        from redis.connection import parse_url
+
+        kwargs = parse_url(self.url)  # type: ignore[no-untyped-call,unused-ignore]
+        cls = kwargs.pop("connection_class", redis.Connection)
+        conn = cls(**kwargs, socket_timeout=self.block_ms / 1000 + 2.0,
+                   socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
+                   client_name=f"shmcast-bridge:{self.host}")
+        conn.connect()
+        self._conn = conn
+        if self._connected_once:
+            self.stats.reconnects += 1
+        self._connected_once = True
+        self.stats.connected = True
+        self.stats.error = ""
+        st = self._st
+        if st.last_in == (0, 0) and self.direction != "out":
+            info = self._xinfo()
+            if self.start_at == "end" and info is not None:
+                st.last_in = _parse_id(info[b"last-generated-id"])
+                st.save()
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        self.stats.connected = False
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+
+    def _xinfo(self) -> dict[bytes, Any] | None:
+        import redis
+
+        try:
+            self._conn.send_command("XINFO", "STREAM", self.key)
+            reply = self._conn.read_response()
+        except redis.exceptions.ResponseError:
+            return None  # no such key (yet, or Redis restarted empty)
+        return self._info_dict(reply)
+
+    @staticmethod
+    def _info_dict(reply: Any) -> dict[bytes, Any]:
+        return {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
+
+    def _round(self, with_info: bool) -> None:
+        """One round trip: our XADDs, maybe XINFO STREAM, then XREAD BLOCK."""
+        import redis
+
+        conn = self._conn
+        cmds: list[list[Any]] = []
+        if self._sub is not None:
+            self._collect_out()
+            cmds.extend(self._pending_out)
+        n_out = len(cmds)
+        reading = self._pub is not None
+        if reading:
+            self._flush_local_gap()
+            if with_info:
+                cmds.append(["XINFO", "STREAM", self.key])
+            cmds.append(["XREAD", "COUNT", 500, "BLOCK", self.block_ms, "STREAMS", self.key,
+                         _fmt_id(self._st.last_in)])
+        elif not cmds:
+            # out only and nothing to send: wait for a local event.
+            with contextlib.suppress(TimeoutError):
+                self._first = self._sub.get(timeout=0.2)
+            return
+        conn.send_packed_command(conn.pack_commands(cmds))
+        replies: list[Any] = []
+        for _ in cmds:
+            try:
+                replies.append(conn.read_response())
+            except redis.exceptions.ResponseError as e:
+                replies.append(e)
+        for r in replies[:n_out]:
+            if isinstance(r, Exception):
+                raise ShmcastError(f"XADD refused: {r}")
+        self.stats.events_out += sum(1 for c in self._pending_out if c[7] != b"shmcast.gap")
+        self._pending_out = []
+        if not reading:
+            return
+        if with_info:
+            info = replies[n_out]
+            self._check_info(None if isinstance(info, Exception) else self._info_dict(info))
+        read = replies[-1]
+        if isinstance(read, Exception):
+            raise ShmcastError(f"XREAD refused: {read}")
+        if read:
+            self._deliver(read[0][1])
+
+    def _check_info(self, info: dict[bytes, Any] | None) -> None:
+        st = self._st
+        if info is None:
+            self.stats.lag_ms = 0
+            return
+        newest = _parse_id(info[b"last-generated-id"])
+        self.stats.lag_ms = max(0, newest[0] - st.last_in[0]) if newest > st.last_in else 0
+        first = info.get(b"first-entry")
+        if first and st.last_in != (0, 0) and _parse_id(first[0]) > st.last_in:
+            # Entries after our last id are gone: trimmed (MAXLEN) or lost with Redis. The
+            # next entries of each origin show how many (their seq jumps).
+            self._trimmed = True
+            self.stats.trims += 1
+
+    # --- out: local bus -> stream
+
+    def _collect_out(self) -> None:
+        sub = self._sub
+        st = self._st
+        first, self._first = self._first, None
+        batch: list[Event] = [first] if first is not None else []
+        while len(batch) < 500:
+            try:
+                e = sub.get_nowait()
+            except TimeoutError:
+                break
+            if e is None:
+                break
+            batch.append(e)
+        changed = False
+        for e in batch:
+            v = e.version
+            if st.last_version and v > st.last_version + 1:
+                st.missing += v - st.last_version - 1
+            st.last_version = max(st.last_version, v)
+            changed = True
+            if e.type.startswith(RESERVED_PREFIX):
+                self._seen_own(e)
+                continue
+            st.out_seq += 1
+            self._pending_out.append(self._xadd(e.type.encode(), e.data, v, e.timestamp))
+        lost = self._attribute()
+        if lost:
+            changed = True
+            st.out_seq += lost
+            self.stats.out_lost += lost
+            self._pending_out.append(self._xadd(
+                GAP_TYPE.encode(), json.dumps({"count": lost, "reason": "lost at origin"}).encode(),
+                st.last_version, time.time()))
+        if changed:
+            st.unseen = len(self._own)
+            st.save()  # before the XADDs: a seq assigned and never sent is a counted gap
+
+    def _xadd(self, type_b: bytes, data: bytes, version: int, ts: float) -> list[Any]:
+        st = self._st
+        return ["XADD", self.key, "MAXLEN", "~", self.maxlen, "*", "type", type_b,
+                "data", data, "origin", self.host, "version", version, "ts", repr(ts),
+                "epoch", st.out_epoch, "seq", st.out_seq]
+
+    def _seen_own(self, e: Event) -> None:
+        own = self._own
+        tb = e.type.encode()
+        for i, (t, d, _) in enumerate(own):
+            if t == tb and d == e.data:
+                for _ in range(i):  # handed over before it, never seen: dropped by our ring
+                    own.popleft()
+                    self._st.missing -= 1
+                own.popleft()
+                return
+        if own and own[0][0] is None:
+            own.popleft()  # an own event of a previous run
+
+    def _attribute(self) -> int:
+        """Missing local versions that were surely local events (not our own), to count."""
+        st = self._st
+        own = self._own
+        if st.missing <= 0:
+            st.missing = max(0, st.missing)
+            return 0
+        now = time.monotonic()
+        while own and st.missing > 0 and now - own[0][2] > _UNSEEN_LIMIT:
+            own.popleft()  # not seen back in time while versions are missing: it was dropped
+            st.missing -= 1
+        if own:
+            return 0
+        lost, st.missing = st.missing, 0
+        return lost
+
+    # --- in: stream -> local bus
+
+    def _deliver(self, entries: list[Any]) -> None:
+        st = self._st
+        stats = self.stats
+        trimmed, self._trimmed = self._trimmed, False
+        # First pass: what is new, what is a duplicate, and how many are missing.
+        plan: list[tuple[tuple[int, int], dict[bytes, bytes] | None, str, int, int]] = []
+        missing: dict[str, int] = {}
+        seqs = dict(st.origins)
+        for raw_id, flat in entries:
+            ident = _parse_id(raw_id)
+            f = {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+            origin = f.get(b"origin", b"").decode("utf-8", "replace")
+            if origin == self.host or b"seq" not in f:
+                plan.append((ident, None, "", 0, 0))
+                continue
+            epoch, seq = int(f[b"epoch"]), int(f[b"seq"])
+            marker = f.get(b"type") == GAP_TYPE.encode()
+            prev = seqs.get(origin)
+            if prev is None:  # the first entry we see from it: our baseline
+                last_seq = seq if marker else seq - 1
+            elif prev[0] != epoch:
+                last_seq = 0  # a new numbering: it starts at 1
+            else:
+                last_seq = prev[1]
+            if seq < last_seq or (seq == last_seq and not marker):
+                stats.duplicates += 1  # a retried XADD: delivered already
+                plan.append((ident, None, "", 0, 0))
+                continue
+            if seq == last_seq:  # a marker that counts nothing new
+                plan.append((ident, None, "", 0, 0))
+                continue
+            jump = seq - last_seq - (0 if marker else 1)
+            if jump > 0:
+                missing[origin] = missing.get(origin, 0) + jump
+            seqs[origin] = (epoch, seq)
+            plan.append((ident, None if marker else f, origin, epoch, seq))
+        if missing or self._local_gap:
+            reasons = set(self._local_gap_reason)
+            if missing:
+                reasons.add("trimmed or lost in the stream" if trimmed else "missing in the stream")
+            self._publish_gap(missing, st.last_in, plan[0][0] if plan else st.last_in, reasons)
+        for ident, fields, origin, epoch, seq in plan:
+            if fields is None:
+                st.last_in = ident
+                if origin:
+                    st.set_origin(origin, epoch, seq)
+                continue
+            self._publish_in(ident, fields, origin, epoch, seq)
+        st.save()
+        stats.last_id = _fmt_id(st.last_in)
+
+    def _publish_in(self, ident: tuple[int, int], f: dict[bytes, bytes], origin: str,
+                    epoch: int, seq: int) -> None:
+        from ._errors import EventTooLargeError
+
+        st = self._st
+        pub = self._pub
+        type_s = f"{IN_PREFIX}{_fmt_id(ident)}:{origin}:{f[b'type'].decode('utf-8', 'replace')}"
+        type_b = type_s.encode()
+        data = f.get(b"data", b"")
+        s = pub._s  # the inbox position makes a restart exact: see _was_handed
+        writer = getattr(s, "writer", None)
+        st.intent = ident
+        st.intent_place = s.place if writer is not None and s.place is not None else -1
+        st.intent_w = writer.w if writer is not None else 0
+        st.intent_origin, st.intent_epoch, st.intent_seq = origin, epoch, seq
+        st.intent_type = type_b if len(type_b) <= 255 else b""
+        st.save()
+        ok = False
+        reason = "local bus full"
+        try:
+            # A full inbox rejects at once; the stream is our buffer, so wait for room
+            # (the bus owner drains within milliseconds unless it is stopped).
+            deadline = time.monotonic() + _INBOX_PATIENCE
+            pause = 0.0002
+            while True:
+                before = pub.dropped
+                pub.publish(type_s, data)
+                ok = pub.dropped == before
+                if ok or time.monotonic() > deadline or self._stop.is_set():
+                    break
+                time.sleep(pause)
+                pause = min(0.01, pause * 2)
+        except EventTooLargeError:
+            reason = "too large for the local bus"
+        except ValueError:
+            reason = "type too long for the local bus"
+        st.intent = (0, 0)
+        st.last_in = ident
+        st.set_origin(origin, epoch, seq)
+        if ok:
+            self._own.append((type_b, data, time.monotonic()))
+            st.unseen = len(self._own)
+            self.stats.events_in += 1
+        else:
+            self.stats.in_rejected += 1
+            self._local_gap += 1
+            self._local_gap_reason.add(reason)
+        st.save()
+
+    def _publish_gap(self, missing: dict[str, int], after: tuple[int, int],
+                     before: tuple[int, int], reasons: set[str]) -> None:
+        count = sum(missing.values()) + self._local_gap
+        payload = {"count": count, "origins": missing, "after": _fmt_id(after),
+                   "before": _fmt_id(before), "reason": ", ".join(sorted(reasons)),
+                   "local": self._local_gap}
+        data = self._encode_gap(payload)
+        self.stats.gaps += 1
+        self.stats.gap_events += count
+        pub = self._pub
+        dropped = pub.dropped
+        pub.publish(GAP_TYPE, data)
+        if pub.dropped == dropped:
+            self._own.append((GAP_TYPE.encode(), data, time.monotonic()))
+            self._local_gap = 0
+            self._local_gap_reason = set()
+        else:  # the inbox is full: counted in stats, told on the bus later
+            self.stats.gaps -= 1
+            self.stats.gap_events -= count
+            self._local_gap = count
+            self._local_gap_reason = reasons
+
+    def _flush_local_gap(self) -> None:
+        if self._local_gap:
+            self._publish_gap({}, self._st.last_in, self._st.last_in, set(self._local_gap_reason))
+
+    def _encode_gap(self, payload: dict[str, Any]) -> bytes:
+        codec = self._bus_codec
+        if codec in ("json", "raw"):
+            return json.dumps(payload, separators=(",", ":")).encode()
+        if codec == "pickle":
+            return pickle.dumps(payload)
+        if self.codec is None:
+            raise ShmcastError(f"the bus uses the custom codec {codec!r}: pass codec= to Bridge")
+        return bytes(self.codec.dumps(payload))  # type: ignore[attr-defined]
+
+    # --- status
+
+    def _write_status(self) -> None:
+        self.stats.updated = time.time()
+        self.stats.last_id = _fmt_id(self._st.last_in) if hasattr(self, "_st") else "0-0"
+        tmp = self.status_path.with_suffix(".json.tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(dataclasses.asdict(self.stats)))
+            os.replace(tmp, self.status_path)
+
+
+def read_status(name: str, state_dir: str | os.PathLike[str] | None = None,
+                ) -> Iterator[dict[str, Any]]:
+    """The status of every bridge of bus *name* on this host (from their status files).
+
+    Each dict has :class:`Stats`' fields and ``running`` (whether its process still
+    holds its state file).
+    """
+    d = Path(state_dir) if state_dir is not None else default_state_dir()
+    with contextlib.suppress(FileNotFoundError):
+        for path in sorted(d.glob(f"bridge.{name}.*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            running = False
+            state = path.with_suffix(".state")
+            with contextlib.suppress(OSError):
+                fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    running = True
+                finally:
+                    os.close(fd)
+            data["running"] = running
+            yield data
+
+
+def status_lines(name: str, state_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """One line per bridge of bus *name*: what ``shmcast stat`` prints under the bus."""
+    lines = []
+    for s in read_status(name, state_dir):
+        state = ("connected" if s.get("connected") else "disconnected") if s["running"] \
+            else "not running"
+        lines.append(
+            f"bridge {s['host']} <-> {s['stream']} ({s['direction']}, pid {s['pid']}, {state}): "
+            f"in {s['events_in']}, out {s['events_out']}, lag {s['lag_ms']} ms, "
+            f"gaps {s['gaps']} ({s['gap_events']} events), last id {s['last_id']}"
+            + (f", error: {s['error']}" if s.get("error") else ""))
+    return lines
+
+
+__all__ = ["GAP_TYPE", "IN_PREFIX", "RESERVED_PREFIX", "Bridge", "Remote", "Stats",
+           "default_state_dir", "read_status", "remote", "status_lines"]
