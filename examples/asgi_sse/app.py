@@ -1,4 +1,5 @@
-"""Starlette app: one shmcast subscription per SSE request, read with ``async for``.
+"""Starlette app: one shmcast Hub per worker, one feed of it per SSE request, read with
+``async for``.
 
 ``GET /events`` streams Server-Sent Events::
 
@@ -6,24 +7,36 @@
     event: <event.type>
     data: <event.data, the JSON exactly as the master published it>
 
+The worker's :class:`shmcast.Hub` is its one subscriber of the bus, made when
+the ASGI lifespan starts and closed when it ends; each request reads a
+:class:`shmcast.Feed` of it, a local buffer of ``SHMCAST_BUFFER`` events. A
+waiting feed costs no thread: the hub's one reader thread wakes every waiting
+task of a batch of events through one call into the event loop.
+
 Rules of the stream (what a client may rely on):
 
-* The first event is always a ``members`` event: a complete topology
-  snapshot. Events that arrive before it are withheld (they would describe a
-  state the client does not have yet).
-* After it, ids increase by exactly 1, unless events were lost. When the
-  subscription loses events (its ring overflowed because this client read too
-  slowly), the stream sends ``: dropped N`` and then withholds everything
-  until the next ``members`` event, which the master republishes as soon as it
-  sees ``bus.dropped`` grow. So: every hole in the ids is immediately followed
-  by a ``members`` snapshot. There is no replay.
+* The stream opens with ``retry: 1000``. The first event is always a
+  ``members`` event, a complete topology snapshot: a new client gets the last
+  one the worker's hub received (``hub.latest("members")``) at once, then
+  every event after it. Events before the first snapshot are withheld (they
+  would describe a state the client does not have yet); a worker that has
+  none yet says ``: waiting for a snapshot``.
+* A client that reconnects with ``Last-Event-ID: N``, to any worker, first
+  gets exactly the events after N that it missed (the hub keeps the last
+  ``SHMCAST_HISTORY``), then the live ones: no snapshot, no hole, no
+  duplicate. If some of them are no longer kept, the stream says ``: dropped
+  K`` (the counted gap) and starts again from a fresh snapshot, as a new
+  client would.
+* After the snapshot, ids increase by exactly 1, unless events were lost.
+  When the feed loses events (this client read too slowly and its buffer
+  overflowed), the stream sends ``: dropped K`` and then withholds
+  everything until the next ``members`` event. So: every hole in the ids is
+  immediately followed by a ``members`` snapshot.
 * When nothing was written for SHMCAST_KEEPALIVE seconds (default 15), the
   stream writes an SSE comment ``: keepalive``.
-* ``Last-Event-ID`` is ignored: a reconnecting EventSource gets a fresh
-  snapshot.
 
 ``GET /`` is a page that shows the live topology; ``GET /healthz`` says which
-worker answered.
+worker answered, with its hub's figures.
 """
 
 from __future__ import annotations
@@ -39,10 +52,13 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from shmcast import BusNotFoundError, TooManySubscribersError, subscribe
+from shmcast import BusNotFoundError, Hub, StreamClosed, TooManySubscribersError
 
 BUS_NAME = os.environ.get("SHMCAST_BUS", "sse-demo")
 KEEPALIVE = float(os.environ.get("SHMCAST_KEEPALIVE", "15"))
+BUFFER = int(os.environ.get("SHMCAST_BUFFER", "64"))  # events a stream may fall behind
+HISTORY = int(os.environ.get("SHMCAST_HISTORY", "1024"))  # events kept for Last-Event-ID
+HUB_SLOTS = int(os.environ.get("SHMCAST_HUB_SLOTS", "128"))  # the hub's ring on the bus
 # The page is the gunicorn example's: it only speaks to /events.
 INDEX_HTML = (Path(__file__).parent.parent / "gunicorn_sse" / "index.html").read_text("utf-8")
 logger = logging.getLogger("uvicorn.error")  # the worker sends it to gunicorn's error log
@@ -50,14 +66,40 @@ logger = logging.getLogger("uvicorn.error")  # the worker sends it to gunicorn's
 # Streams open in this worker process, so that drain() can end them.
 _streams: set[asyncio.Task] = set()
 _draining = asyncio.Event()
+_hub: Hub | None = None
+
+
+def start_hub() -> Hub | None:
+    """This worker's hub: made when the lifespan starts, again if it ended."""
+    global _hub  # noqa: PLW0603  (one hub per worker process)
+    if _draining.is_set():
+        return None
+    if _hub is None or _hub.closed:
+        try:
+            _hub = Hub(BUS_NAME, slots=HUB_SLOTS, buffer=BUFFER, history=HISTORY)
+        except (BusNotFoundError, TooManySubscribersError) as exc:
+            logger.warning("shmcast: no hub yet: %s", exc)
+            _hub = None
+    return _hub
 
 
 def drain() -> None:
     """End every open stream now; refuse new ones. Called (in the event loop)
     by sse_worker.DrainingUvicornWorker when the worker begins to stop."""
     _draining.set()
+    if _hub is not None:
+        _hub.close()  # every feed ends, so does every pump
     for task in list(_streams):
-        task.cancel()
+        task.cancel()  # and a response blocked writing to a slow client
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    start_hub()
+    try:
+        yield
+    finally:
+        drain()
 
 
 def format_event(event) -> bytes:
@@ -66,18 +108,52 @@ def format_event(event) -> bytes:
     return f"id: {event.version}\nevent: {event.type}\n{lines}\n".encode()
 
 
+def parse_last_event_id(value: str | None) -> int | None:
+    value = (value or "").strip()
+    return int(value) if value.isdigit() and len(value) <= 19 else None
+
+
+def open_feed(hub: Hub, last_event_id: int | None):
+    """A feed for a new stream and what to write first, following the module doc's rules.
+
+    Returns ``(feed, head, synced, last)``: *head* is the text to write before
+    the feed's events; *synced* tells whether the client has a snapshot and
+    every event up to version *last*.
+    """
+    def replay(since: int) -> int:  # room for what the hub replays, and the usual slack
+        return BUFFER + min(HISTORY, max(0, hub.version - since))
+
+    head = [b"retry: 1000\n"]
+    if last_event_id is not None:
+        feed = hub.subscribe(since=last_event_id, buffer=replay(last_event_id))
+        if not feed.dropped:
+            return feed, b"".join(head) + b"\n", True, last_event_id  # exactly what it missed
+        head.append(f": dropped {feed.dropped}\n".encode())  # a counted gap: from a snapshot
+        feed.close()
+    snapshot = hub.latest("members")
+    if snapshot is not None and (last_event_id is None or snapshot.version > last_event_id):
+        feed = hub.subscribe(since=snapshot.version, buffer=replay(snapshot.version))
+        return feed, b"".join(head) + b"\n" + format_event(snapshot), True, snapshot.version
+    head.append(b": waiting for a snapshot\n\n")
+    return hub.subscribe(), b"".join(head), False, 0
+
+
 class SSEResponse:
-    """An ASGI response that streams one subscription and unsubscribes
-    whatever way the stream ends (end of bus, client gone, drain, error)."""
+    """An ASGI response that streams one feed and closes it whatever way the stream
+    ends (end of bus, client gone, drain, error)."""
 
     raw_headers = (
         (b"content-type", b"text/event-stream; charset=utf-8"),
         (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no"),
+        (b"x-shmcast-worker", str(os.getpid()).encode()),  # which worker serves the stream
     )
 
-    def __init__(self, sub) -> None:
-        self.sub = sub
+    def __init__(self, feed, head: bytes, synced: bool, last: int) -> None:
+        self.feed = feed
+        self.head = head
+        self.synced = synced
+        self.last = last
         self._lock = asyncio.Lock()
         self._last_write = time.monotonic()
 
@@ -89,7 +165,7 @@ class SSEResponse:
                 {"type": "http.response.start", "status": 200, "headers": list(self.raw_headers)}
             )
             self._send = send
-            await self._write(b"retry: 1000\n: waiting for a snapshot\n\n")
+            await self._write(self.head)
             tasks = [
                 asyncio.ensure_future(self._pump()),
                 asyncio.ensure_future(self._keepalive()),
@@ -114,24 +190,23 @@ class SSEResponse:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             _streams.discard(me)
-            self.sub.unsubscribe()
+            self.feed.close()
 
     async def _write(self, body: bytes) -> None:
         async with self._lock:  # the pump and the keepalive both write
             # waits here while the client reads slowly (uvicorn flow control):
-            # meanwhile this subscription's ring fills and overwrites, the
-            # publisher and the other streams do not wait.
+            # meanwhile this feed's buffer fills and overwrites, the hub and
+            # the other streams do not wait.
             await self._send({"type": "http.response.body", "body": body, "more_body": True})
             self._last_write = time.monotonic()
 
     async def _pump(self) -> None:
-        sub = self.sub
-        synced = False  # the client has a snapshot and every event since
-        last = 0
+        feed = self.feed
+        synced, last = self.synced, self.last
         dropped_seen = 0
-        async for event in sub:  # ends when the bus closes or the master dies
+        async for event in feed:  # ends when the bus closes, the master dies or drain()
             out = []
-            dropped = sub.dropped
+            dropped = feed.dropped
             if dropped != dropped_seen:
                 out.append(f": dropped {dropped - dropped_seen}\n\n".encode())
                 dropped_seen = dropped
@@ -157,14 +232,21 @@ class SSEResponse:
             pass
 
 
+def unavailable(why: str) -> PlainTextResponse:
+    return PlainTextResponse(f"{why}\n", status_code=503, headers={"Retry-After": "1"})
+
+
 async def events(request):
     if _draining.is_set():
-        return PlainTextResponse("worker stopping\n", status_code=503, headers={"Retry-After": "1"})
+        return unavailable("worker stopping")
+    hub = start_hub()
+    if hub is None:
+        return unavailable(f"no bus named {BUS_NAME!r} yet")
     try:
-        sub = subscribe(BUS_NAME)
-    except (BusNotFoundError, TooManySubscribersError) as exc:
-        return PlainTextResponse(f"{exc}\n", status_code=503, headers={"Retry-After": "1"})
-    return SSEResponse(sub)
+        stream = open_feed(hub, parse_last_event_id(request.headers.get("last-event-id")))
+    except StreamClosed:  # the hub ended meanwhile (the bus closed, the worker stops)
+        return unavailable("the bus is closing")
+    return SSEResponse(*stream)
 
 
 async def index(request):
@@ -172,7 +254,10 @@ async def index(request):
 
 
 async def healthz(request):
-    return JSONResponse({"pid": os.getpid(), "bus": BUS_NAME, "streams": len(_streams)})
+    hub = _hub
+    figures = {"version": hub.version, "dropped": hub.dropped} if hub is not None else None
+    return JSONResponse({"pid": os.getpid(), "bus": BUS_NAME, "streams": len(_streams),
+                         "hub": figures})
 
 
 app = Starlette(
@@ -180,6 +265,7 @@ app = Starlette(
         Route("/", index),
         Route("/events", events),
         Route("/healthz", healthz),
-    ]
+    ],
+    lifespan=lifespan,
 )
 app.state.drain = drain

@@ -11,7 +11,8 @@ executed here. Only the workers differ: ``sse_worker.DrainingUvicornWorker``
 (uvicorn workers from the ``uvicorn-worker`` package) that tell the app when
 they start to shut down (SIGTERM, SIGHUP reload, ``max_requests``
 recycling), so open SSE streams end at once instead of holding the worker for
-``graceful_timeout``.
+``graceful_timeout``. Each worker's :class:`shmcast.Hub` is made by the app's
+ASGI lifespan, not by a gunicorn hook.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Flask app: one shmcast subscription per SSE request.
+"""Flask app: one shmcast Hub per worker, one feed of it per SSE request.
 
 ``GET /events`` streams Server-Sent Events::
 
@@ -6,25 +6,35 @@
     event: <event.type>
     data: <event.data, the JSON exactly as the master published it>
 
+The worker's :class:`shmcast.Hub` is its one subscriber of the bus (made by
+``start_hub()`` from gunicorn's ``post_worker_init``); each request reads a
+:class:`shmcast.Feed` of it, a local buffer of ``SHMCAST_BUFFER`` events.
+
 Rules of the stream (what a client may rely on):
 
-* The first event is always a ``members`` event: a complete topology
-  snapshot. Events that arrive before it are withheld (they would describe a
-  state the client does not have yet).
-* After it, ids increase by exactly 1, unless events were lost. When the
-  subscription loses events (its ring overflowed because this client read too
-  slowly), the stream sends ``: dropped N`` and then withholds everything
-  until the next ``members`` event, which the master republishes as soon as it
-  sees ``bus.dropped`` grow. So: every hole in the ids is immediately followed
-  by a ``members`` snapshot. There is no replay.
+* The stream opens with ``retry: 1000``. The first event is always a
+  ``members`` event, a complete topology snapshot: a new client gets the last
+  one the worker's hub received (``hub.latest("members")``) at once, then
+  every event after it. Events before the first snapshot are withheld (they
+  would describe a state the client does not have yet); a worker that has
+  none yet says ``: waiting for a snapshot``.
+* A client that reconnects with ``Last-Event-ID: N``, to any worker, first
+  gets exactly the events after N that it missed (the hub keeps the last
+  ``SHMCAST_HISTORY``), then the live ones: no snapshot, no hole, no
+  duplicate. If some of them are no longer kept, the stream says ``: dropped
+  K`` (the counted gap) and starts again from a fresh snapshot, as a new
+  client would.
+* After the snapshot, ids increase by exactly 1, unless events were lost.
+  When the feed loses events (this client read too slowly and its buffer
+  overflowed), the stream sends ``: dropped K`` and then withholds
+  everything until the next ``members`` event. So: every hole in the ids is
+  immediately followed by a ``members`` snapshot.
 * When nothing was written for SHMCAST_KEEPALIVE seconds (default 15), the
   stream writes an SSE comment ``: keepalive``: it keeps proxies from timing
   out and finds dead clients.
-* ``Last-Event-ID`` is ignored: a reconnecting EventSource gets a fresh
-  snapshot.
 
 ``GET /`` is a page that shows the live topology; ``GET /healthz`` says which
-worker answered.
+worker answered, with its hub's figures.
 """
 
 from __future__ import annotations
@@ -34,29 +44,45 @@ import threading
 import time
 from pathlib import Path
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 
-from shmcast import BusNotFoundError, StreamClosed, TooManySubscribersError, subscribe
+from shmcast import BusNotFoundError, Hub, StreamClosed, TooManySubscribersError
 
 BUS_NAME = os.environ.get("SHMCAST_BUS", "sse-demo")
 KEEPALIVE = float(os.environ.get("SHMCAST_KEEPALIVE", "15"))
+BUFFER = int(os.environ.get("SHMCAST_BUFFER", "64"))  # events a stream may fall behind
+HISTORY = int(os.environ.get("SHMCAST_HISTORY", "1024"))  # events kept for Last-Event-ID
+HUB_SLOTS = int(os.environ.get("SHMCAST_HUB_SLOTS", "128"))  # the hub's ring on the bus
 INDEX_HTML = (Path(__file__).parent / "index.html").read_text(encoding="utf-8")
 
 app = Flask(__name__)
 
-# Streams open in this worker process, so that drain() can end them.
-_streams_lock = threading.Lock()
-_streams: set = set()
+_hub_lock = threading.Lock()
+_hub: Hub | None = None
 _draining = threading.Event()
+
+
+def start_hub() -> Hub | None:
+    """This worker's hub: made on first use (post_worker_init), again if it ended."""
+    global _hub  # noqa: PLW0603  (one hub per worker process)
+    with _hub_lock:
+        if _draining.is_set():
+            return None
+        if _hub is None or _hub.closed:
+            try:
+                _hub = Hub(BUS_NAME, slots=HUB_SLOTS, buffer=BUFFER, history=HISTORY)
+            except (BusNotFoundError, TooManySubscribersError):
+                _hub = None
+        return _hub
 
 
 def drain() -> None:
     """End every open stream now; refuse new ones. Called when the worker stops."""
     _draining.set()
-    with _streams_lock:
-        subs = list(_streams)
-    for sub in subs:
-        sub.unsubscribe()  # a get() blocked in another thread returns promptly
+    with _hub_lock:
+        hub = _hub
+    if hub is not None:
+        hub.close()  # every feed ends: a get() blocked in another thread returns promptly
 
 
 def format_event(event) -> str:
@@ -65,16 +91,44 @@ def format_event(event) -> str:
     return f"id: {event.version}\nevent: {event.type}\n{lines}\n"
 
 
-def sse_lines(sub):
-    """Yield SSE text for one subscription, following the rules in the module doc."""
-    yield "retry: 1000\n: waiting for a snapshot\n\n"
-    synced = False  # the client has a snapshot and every event since
-    last = 0
+def parse_last_event_id(value: str | None) -> int | None:
+    value = (value or "").strip()
+    return int(value) if value.isdigit() and len(value) <= 19 else None
+
+
+def open_feed(hub: Hub, last_event_id: int | None):
+    """A feed for a new stream and what to write first, following the module doc's rules.
+
+    Returns ``(feed, head, synced, last)``: *head* is the text to write before
+    the feed's events; *synced* tells whether the client has a snapshot and
+    every event up to version *last*.
+    """
+    def replay(since: int) -> int:  # room for what the hub replays, and the usual slack
+        return BUFFER + min(HISTORY, max(0, hub.version - since))
+
+    head = ["retry: 1000\n"]
+    if last_event_id is not None:
+        feed = hub.subscribe(since=last_event_id, buffer=replay(last_event_id))
+        if not feed.dropped:
+            return feed, "".join(head) + "\n", True, last_event_id  # exactly what it missed
+        head.append(f": dropped {feed.dropped}\n")  # a counted gap: start again from a snapshot
+        feed.close()
+    snapshot = hub.latest("members")
+    if snapshot is not None and (last_event_id is None or snapshot.version > last_event_id):
+        feed = hub.subscribe(since=snapshot.version, buffer=replay(snapshot.version))
+        return feed, "".join(head) + "\n" + format_event(snapshot), True, snapshot.version
+    head.append(": waiting for a snapshot\n\n")
+    return hub.subscribe(), "".join(head), False, 0
+
+
+def sse_lines(feed, head: str, synced: bool, last: int):
+    """Yield SSE text for one feed, following the rules in the module doc."""
+    yield head
     dropped_seen = 0
     last_write = time.monotonic()
     while not _draining.is_set():
         try:
-            event = sub.get(timeout=min(KEEPALIVE, 1.0))
+            event = feed.get(timeout=min(KEEPALIVE, 1.0))
         except TimeoutError:
             if time.monotonic() - last_write >= KEEPALIVE:
                 last_write = time.monotonic()
@@ -83,7 +137,7 @@ def sse_lines(sub):
         except StreamClosed:  # bus closed, master gone, or drain()
             return
         out = []
-        dropped = sub.dropped
+        dropped = feed.dropped
         if dropped != dropped_seen:
             out.append(f": dropped {dropped - dropped_seen}\n\n")
             dropped_seen = dropped
@@ -100,41 +154,45 @@ def sse_lines(sub):
 
 
 class SSEBody:
-    """The response iterable: owns the subscription and ends it on close().
+    """The response iterable: owns the feed and closes it on close().
 
     gunicorn calls close() when the response ends, when the client went away
     (the next write failed) and when the worker stops; a bare generator that
     never started would not run its ``finally``.
     """
 
-    def __init__(self, sub) -> None:
-        self.sub = sub
-        self._gen = sse_lines(sub)
-        with _streams_lock:
-            _streams.add(sub)
+    def __init__(self, feed, head: str, synced: bool, last: int) -> None:
+        self.feed = feed
+        self._gen = sse_lines(feed, head, synced, last)
 
     def __iter__(self):
         return self._gen
 
     def close(self) -> None:
         self._gen.close()
-        with _streams_lock:
-            _streams.discard(self.sub)
-        self.sub.unsubscribe()
+        self.feed.close()
+
+
+def unavailable(why: str) -> Response:
+    return Response(f"{why}\n", status=503, headers={"Retry-After": "1"})
 
 
 @app.get("/events")
 def events():
     if _draining.is_set():
-        return Response("worker stopping\n", status=503, headers={"Retry-After": "1"})
+        return unavailable("worker stopping")
+    hub = start_hub()
+    if hub is None:
+        return unavailable(f"no bus named {BUS_NAME!r} yet")
     try:
-        sub = subscribe(BUS_NAME)
-    except (BusNotFoundError, TooManySubscribersError) as exc:
-        return Response(f"{exc}\n", status=503, headers={"Retry-After": "1"})
+        stream = open_feed(hub, parse_last_event_id(request.headers.get("Last-Event-ID")))
+    except StreamClosed:  # the hub ended meanwhile (the bus closed, the worker stops)
+        return unavailable("the bus is closing")
     return Response(
-        SSEBody(sub),
+        SSEBody(*stream),
         mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                 "X-Shmcast-Worker": str(os.getpid())},
     )
 
 
@@ -145,6 +203,7 @@ def index():
 
 @app.get("/healthz")
 def healthz():
-    with _streams_lock:
-        open_streams = len(_streams)
-    return jsonify(pid=os.getpid(), bus=BUS_NAME, streams=open_streams)
+    hub = _hub
+    figures = {"version": hub.version, "dropped": hub.dropped} if hub is not None else None
+    return jsonify(pid=os.getpid(), bus=BUS_NAME,
+                   streams=hub.subscriber_count if hub is not None else 0, hub=figures)

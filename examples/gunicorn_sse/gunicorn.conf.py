@@ -9,9 +9,11 @@ Run from this directory:
   publishes ``members`` (the topology snapshot) and ``heartbeat`` events.
 * ``on_exit`` (master, after every worker has stopped) stops the thread and
   closes the bus, which removes everything it created in /dev/shm.
-* ``post_worker_init`` (each worker) tells the app when the worker starts to
-  shut down (SIGTERM, SIGHUP reload, ``max_requests`` recycling) so that open
-  SSE streams end at once instead of holding the worker for
+* ``post_worker_init`` (each worker, after it loaded the app) makes the
+  worker's one :class:`shmcast.Hub`, its only subscriber of the bus, which
+  every SSE request reads a feed of; and tells the app when the worker starts
+  to shut down (SIGTERM, SIGHUP reload, ``max_requests`` recycling) so that
+  open SSE streams end at once instead of holding the worker for
   ``graceful_timeout``.
 
 Everything the hooks share lives on the arbiter object (``server``), not in
@@ -26,9 +28,14 @@ Settings read from the environment (gunicorn's own settings, ``-b``, ``-w``,
     SHMCAST_CHURN            seconds between simulated node changes 2.0 (0: off)
     SHMCAST_KEYFRAME         republish the snapshot at least every 5.0 seconds
     SHMCAST_PAD              bytes of padding added to each snapshot 0
-    SHMCAST_MAX_SUBSCRIBERS  streams open at once, all workers     64
+    SHMCAST_MAX_SUBSCRIBERS  places on the bus: one per worker's hub
+                             (and any ``shmcast tail``)            64
     SHMCAST_KEEPALIVE        idle seconds before a worker writes an SSE comment
-                             (read by the app)                     15
+                             (read by the app, as the next three)  15
+    SHMCAST_BUFFER           events one stream may fall behind     64
+    SHMCAST_HISTORY          events each worker keeps for
+                             ``Last-Event-ID``                     1024
+    SHMCAST_HUB_SLOTS        the ring of each worker's hub         128
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ wsgi_app = "app:app"
 bind = ["127.0.0.1:8000"]
 worker_class = "gthread"
 workers = 2
-threads = 16  # each open SSE stream holds one thread
+threads = 16  # each open SSE stream holds one thread (its feed costs none)
 timeout = 30
 graceful_timeout = 10
 keepalive = 5
@@ -57,7 +64,7 @@ CHURN = float(os.environ.get("SHMCAST_CHURN", "2.0"))
 KEYFRAME = float(os.environ.get("SHMCAST_KEYFRAME", "5.0"))
 PAD = int(os.environ.get("SHMCAST_PAD", "0"))
 MAX_SUBSCRIBERS = int(os.environ.get("SHMCAST_MAX_SUBSCRIBERS", "64"))
-# A repair (republishing the snapshot because a subscriber joined or lost
+# A repair (republishing the snapshot because a worker's hub joined or lost
 # events) happens at most this often.
 REPAIR_MIN_INTERVAL = 0.2
 POLL = 0.05
@@ -67,15 +74,17 @@ class TopologyPublisher:
     """Publishes the topology from a thread of the gunicorn master.
 
     ``members`` payloads are always the *complete* snapshot, never a delta, so
-    any one members event brings a subscriber up to date. The workers cannot
-    ask the master for a snapshot, so the master republishes it:
+    any one members event brings a subscriber up to date. Each worker's hub
+    keeps the last one it received for its new streams (``hub.latest``), so
+    a new SSE client costs the master nothing. The master republishes it:
 
     * when the topology changes (a worker forked or died, a simulated node
       changed state);
-    * when ``bus.subscriber_count`` grew: a new SSE stream (or a new worker)
-      gets a snapshot within ~POLL seconds of subscribing;
-    * when ``bus.dropped`` grew: a subscriber lost events, its stream waits
-      for the next snapshot to heal the gap;
+    * when ``bus.subscriber_count`` grew: the subscribers are the workers'
+      hubs, so this is a worker that just started, whose hub has no snapshot
+      yet (the one published when it forked came before its hub existed);
+    * when ``bus.dropped`` grew: a hub's ring lost events, perhaps a
+      ``members`` one;
     * at least every KEYFRAME seconds, as a backstop.
     """
 
@@ -181,9 +190,9 @@ def when_ready(server):
         return  # already running (when_ready runs once, but be safe)
     bus = Bus(
         BUS_NAME,
-        slots=64,  # events each stream may fall behind before it loses some
+        slots=64,  # the default ring; each worker's hub asks for SHMCAST_HUB_SLOTS
         slot_size=max(16384, PAD + 8192),  # the largest event
-        max_subscribers=MAX_SUBSCRIBERS,  # past it, /events answers 503
+        max_subscribers=MAX_SUBSCRIBERS,  # hubs (one per worker) and tools
     )
     publisher = TopologyPublisher(server, bus)
     server.shmcast_bus = bus
@@ -206,6 +215,8 @@ def on_exit(server):
 
 def post_worker_init(worker):
     import app as app_module  # the module wsgi_app names, already imported
+
+    app_module.start_hub()  # the worker's one subscriber; /events retries if it failed
 
     def watch() -> None:
         # worker.alive turns False on SIGTERM, SIGHUP reload (the master

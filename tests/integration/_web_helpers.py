@@ -254,16 +254,23 @@ class SSEParser:
 
 
 class SSEClient(threading.Thread):
-    """An httpx client reading /events in a thread, reconnecting when a stream ends."""
+    """An httpx client reading /events in a thread, reconnecting when a stream ends.
 
-    def __init__(self, url: str, *, reconnect: bool = True, max_seconds: float = 60.0) -> None:
+    Like a browser's EventSource, it reconnects with ``Last-Event-ID`` (the id of
+    the last event it received), unless ``resume=False``.
+    """
+
+    def __init__(self, url: str, *, reconnect: bool = True, max_seconds: float = 60.0,
+                 resume: bool = True) -> None:
         super().__init__(daemon=True, name=f"sse-client-{url}")
         self.url = url + "/events"
         self.reconnect = reconnect
+        self.resume = resume
         self.deadline = time.monotonic() + max_seconds
         self.events: list[SSEEvent] = []
         self.comments: list[tuple[int, str]] = []
         self.ends: list[tuple[int, str]] = []  # (conn, how the stream ended)
+        self.sent_ids: dict[int, int] = {}  # conn: the Last-Event-ID it sent
         self.conns = 0
         self._halt = threading.Event()
 
@@ -276,8 +283,12 @@ class SSEClient(threading.Thread):
                 conn = self.conns
                 self.conns += 1
                 parser = SSEParser()
+                headers = {}
+                if self.resume and self.events:
+                    self.sent_ids[conn] = self.events[-1].id
+                    headers["Last-Event-ID"] = str(self.events[-1].id)
                 try:
-                    with client.stream("GET", self.url) as response:
+                    with client.stream("GET", self.url, headers=headers) as response:
                         if response.status_code != 200:
                             self.ends.append((conn, f"status {response.status_code}"))
                             time.sleep(0.1)
@@ -319,14 +330,17 @@ class SSEClient(threading.Thread):
         return out
 
 
-def check_stream(events: list[SSEEvent], *, allow_gaps: bool) -> int:
+def check_stream(events: list[SSEEvent], *, allow_gaps: bool, after: int | None = None) -> int:
     """The stream rules of the examples; returns the number of holes.
 
-    Ids strictly increase; the first event is a members snapshot; every hole in
-    the ids is immediately followed by a members snapshot.
+    Ids strictly increase; the first event is a members snapshot, unless the
+    stream resumed one that ended at id *after* (sent as ``Last-Event-ID``): then
+    it may go on at ``after + 1``; every hole in the ids is immediately followed
+    by a members snapshot.
     """
     assert events, "no events"
-    assert events[0].type == "members", f"first event is {events[0].type}, not a snapshot"
+    if after is None or events[0].id != after + 1:
+        assert events[0].type == "members", f"first event is {events[0].type}, not a snapshot"
     holes = 0
     for prev, cur in itertools.pairwise(events):
         assert cur.id > prev.id, f"ids not increasing: {prev.id} then {cur.id}"
@@ -405,6 +419,22 @@ def heartbeat_gaps(events: list[SSEEvent], start: float, end: float) -> tuple[fl
     return arrival, published, len(beats)
 
 
+def workers_health(server: Gunicorn, tries: int = 40) -> dict[int, dict]:
+    """/healthz of each worker (new connections until each answered, or *tries*)."""
+    import httpx
+
+    out: dict[int, dict] = {}
+    pids = server.worker_pids()
+    for _ in range(tries):
+        with contextlib.suppress(httpx.HTTPError):
+            health = httpx.get(server.url + "/healthz", timeout=2,
+                               headers={"Connection": "close"}).json()
+            out[health["pid"]] = health
+        if set(out) >= pids:
+            break
+    return out
+
+
 def scenario_fanout_and_stalled_client(example: str, bus: str, tmp_path: Path) -> None:
     """Four clients read every event in version order while a fifth stops
     reading: the others and the heartbeat are not slowed, and the stalled one,
@@ -424,6 +454,7 @@ def scenario_fanout_and_stalled_client(example: str, bus: str, tmp_path: Path) -
             time.sleep(stall)
             t1 = time.monotonic()
             stalled.read_for(1.5)  # reads again: old bytes, then the healed stream
+            hub_dropped = {pid: h["hub"]["dropped"] for pid, h in workers_health(server).items()}
         finally:
             for client in clients:
                 client.stop()
@@ -463,8 +494,9 @@ def scenario_fanout_and_stalled_client(example: str, bus: str, tmp_path: Path) -
     # The stalled client lost events, was told so, and got a snapshot after the hole.
     assert any(c.startswith("dropped") for c in stalled.comments), stalled.comments
     assert check_stream(stalled.events, allow_gaps=True) >= 1
-    last_beat = [e for e in clients[0].events if e.type == "heartbeat"][-1].json()
-    assert last_beat["dropped"] > 0  # bus.dropped, as the master saw it
+    # Its losses were its own feed's, counted by its worker's hub (not by the bus:
+    # the workers' hubs kept up, whatever the stalled client did).
+    assert sum(hub_dropped.values()) > 0, hub_dropped
 
 
 def _check_clients_across_restarts(clients: list[SSEClient], master: int) -> None:
@@ -472,7 +504,9 @@ def _check_clients_across_restarts(clients: list[SSEClient], master: int) -> Non
         conns = client.by_conn()
         previous_last = 0
         for conn, events in sorted(conns.items()):
-            check_stream(events, allow_gaps=False)
+            # a resumed stream goes on exactly where the last one ended, or starts
+            # again from a snapshot newer than that after a counted gap
+            check_stream(events, allow_gaps=False, after=client.sent_ids.get(conn))
             # one bus all along: versions never start over
             assert events[0].id > previous_last, (conn, events[0].id, previous_last)
             previous_last = events[-1].id
@@ -508,17 +542,22 @@ def scenario_worker_killed_and_reload(example: str, bus: str, tmp_path: Path) ->
             respawned = server.wait_workers(2, timeout=10, exclude={victim})
             for client in clients:
                 _wait_snapshot_with(client, respawned, timeout=10)
-            # the dead worker's subscriptions are gone from the bus (3 streams remain)
+            # the dead worker's hub is gone from the bus (one hub per live worker), and
+            # the live workers' hubs serve the 3 streams
             wait_until(
                 lambda: any(
                     e.type == "heartbeat"
-                    and e.json()["subscribers"] == 3
+                    and e.json()["subscribers"] == 2
                     and e.id > max(c.events[-1].id for c in clients) - 5
                     for e in list(clients[0].events)[-5:]
                 ),
                 10,
-                "subscriber_count back to 3",
+                "subscriber_count back to 2",
                 POLL,
+            )
+            wait_until(
+                lambda: sum(h["streams"] for h in workers_health(server).values()) == 3,
+                10, "3 streams on the live workers' hubs", POLL,
             )
             mark = max(c.events[-1].id for c in clients)
 
@@ -615,9 +654,10 @@ def scenario_max_requests(
 
 
 def scenario_quiet_bus(example: str, bus: str, tmp_path: Path) -> None:
-    """The endpoints answer; a new stream gets a snapshot without waiting for a
-    change (the master republishes it when subscriber_count grows); an idle
-    stream gets keepalive comments."""
+    """The endpoints answer; a new stream gets a snapshot at once, without waiting
+    for a change or a keyframe (the last one its worker's hub received: the master
+    republishes it when a worker's hub joins the bus); an idle stream gets
+    keepalive comments."""
     env = {
         "SHMCAST_HEARTBEAT": "100",
         "SHMCAST_CHURN": "0",
@@ -626,7 +666,9 @@ def scenario_quiet_bus(example: str, bus: str, tmp_path: Path) -> None:
     }
     with Gunicorn(example, bus, tmp_path, env=env) as server:
         check_endpoints(server)
+        time.sleep(0.5)  # the repairs for the workers' hubs are out
         client = SSEClient(server.url, reconnect=False)
+        t0 = time.monotonic()
         client.start()
         try:
             client.wait_events(1, timeout=5)
@@ -639,7 +681,83 @@ def scenario_quiet_bus(example: str, bus: str, tmp_path: Path) -> None:
         finally:
             client.stop()
         assert client.events[0].type == "members"
-        assert client.events[0].json()["reason"] == "repair"
-        assert client.comments[0] == (0, "waiting for a snapshot")
+        assert client.events[0].json()["reason"] in ("repair", "change")  # not a keyframe
+        assert client.events[0].t - t0 < 2.0
+        assert (0, "waiting for a snapshot") not in client.comments  # the hub had it
         assert_quick_stop(server)
     assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
+
+
+def read_stream(url: str, *, last_event_id: int | None = None, until=lambda events: True,
+                timeout: float = 10.0) -> tuple[int, list[SSEEvent], list[str]]:
+    """One /events connection, read until ``until(events)`` holds: (worker pid, events,
+    comments). *last_event_id* is sent as ``Last-Event-ID``."""
+    import httpx
+
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    events: list[SSEEvent] = []
+    comments: list[str] = []
+    parser = SSEParser()
+    deadline = time.monotonic() + timeout
+    with httpx.stream("GET", url + "/events", headers=headers,
+                      timeout=httpx.Timeout(5.0, read=3.0)) as response:
+        assert response.status_code == 200, response.status_code
+        pid = int(response.headers["x-shmcast-worker"])
+        for line in response.iter_lines():
+            parser.feed(line, 0, events.append, comments.append)
+            if line == "" and until(events):
+                break
+            assert time.monotonic() < deadline, f"stream did not get there: {events[-3:]}"
+    return pid, events, comments
+
+
+def scenario_resume_on_another_worker(example: str, bus: str, tmp_path: Path) -> None:
+    """A client that reconnects with Last-Event-ID to another worker gets exactly the
+    events it missed, then the live ones; one that missed more than the workers keep
+    gets a counted gap, then a fresh snapshot; an id this bus never gave waits for
+    the next snapshot."""
+    env = {"SHMCAST_HEARTBEAT": "0.05", "SHMCAST_HISTORY": "40", "SHMCAST_KEYFRAME": "1.0"}
+    with Gunicorn(example, bus, tmp_path, env=env) as server:
+        witness = SSEClient(server.url, reconnect=False)
+        witness.start()
+        try:
+            witness.wait_events(2, timeout=10)
+            # 1. A first stream, then a pause in which it misses 20 events.
+            pid, first, _ = read_stream(server.url, until=lambda ev: len(ev) >= 10)
+            check_stream(first, allow_gaps=False)
+            last = first[-1].id
+            witness.wait_events(1, timeout=10, where=lambda e, m=last: e.id >= m + 20)
+            # 2. Back, to another worker: exactly what it missed, then live events.
+            for _ in range(100):
+                other, resumed, comments = read_stream(
+                    server.url, last_event_id=last, until=lambda ev: len(ev) >= 30)
+                if other != pid:
+                    break
+            else:
+                raise AssertionError(f"every reconnection went to worker {pid}")
+            assert resumed[0].id == last + 1, (last, resumed[:2])
+            assert [e.id for e in resumed] == list(range(last + 1, last + 31))
+            assert not any(c.startswith("dropped") for c in comments), comments
+            # 3. Back after missing more than the 40 events each worker keeps.
+            witness.wait_events(1, timeout=20, where=lambda e, m=resumed[-1].id: e.id >= m + 60)
+            old = resumed[-1].id
+            _, healed, comments = read_stream(
+                server.url, last_event_id=old, until=lambda ev: len(ev) >= 5)
+            assert any(c.startswith("dropped") for c in comments), comments
+            assert healed[0].type == "members", healed[0]
+            assert healed[0].id > old
+            check_stream(healed, allow_gaps=False)
+            # 4. An id from another bus (this one never gave it): the next snapshot.
+            _, fresh, _ = read_stream(server.url, last_event_id=10**12,
+                                      until=lambda ev: len(ev) >= 2)
+            assert fresh[0].type == "members"
+            check_stream(fresh, allow_gaps=False)
+        finally:
+            witness.stop()
+        assert_quick_stop(server)
+    assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
+    # What the streams said is what the witness saw, byte for byte.
+    seen = {e.id: (e.type, e.data) for e in witness.events}
+    for e in [*first, *resumed, *healed, *fresh[1:]]:
+        if e.id in seen:
+            assert seen[e.id] == (e.type, e.data), e.id

@@ -41,3 +41,8 @@ def test_bus_survives_max_requests_recycling_then_ctrl_c(bus_name, tmp_path):
 @pytest.mark.timeout(30)
 def test_endpoints_snapshot_on_connect_and_keepalive_comments(bus_name, tmp_path):
     web.scenario_quiet_bus(EXAMPLE, bus_name, tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_reconnect_with_last_event_id_to_another_worker(bus_name, tmp_path):
+    web.scenario_resume_on_another_worker(EXAMPLE, bus_name, tmp_path)
