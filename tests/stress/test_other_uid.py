@@ -1,4 +1,6 @@
-"""Other users: under the default mode 0600 another uid cannot attach; under 0666 it can.
+"""Other users: under the default mode 0600 another uid cannot attach; under 0666 it can,
+once it says whose bus it trusts (``subscribe(name, owner=uid)``; without it, a
+``BusPermissionError`` before a byte of the segment is read).
 
 The venv's interpreter lives under /root, so an unprivileged user cannot exec
 it. Instead each test forks, and the child drops to an unprivileged uid with
@@ -28,7 +30,7 @@ from _stress_helpers import (
     wait_until,
 )
 
-from shmcast import Bus, ShmcastError, subscribe
+from shmcast import Bus, BusPermissionError, ShmcastError, subscribe
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -83,10 +85,18 @@ def test_other_uid_cannot_attach_under_default_mode(bus_name):
             remove_bus_entries(bus_name)
 
 
-def _subscriber_as(uid: int, name: str, events: int) -> int:
-    """Child: as *uid*, subscribe, stop (the test checks the ring), read *events*, leave."""
+def _subscriber_as(uid: int, name: str, events: int, owner: int) -> int:
+    """Child: as *uid*, subscribe to *owner*'s bus, stop (the test checks the ring), read
+    *events*, leave. Without ``owner=`` the subscription must be refused first."""
     _become(uid)
-    sub = subscribe(name)
+    try:
+        subscribe(name).unsubscribe()
+    except BusPermissionError as exc:
+        if f"uid {owner}" not in str(exc):
+            return UNCLEAR
+    else:
+        return WRONG  # attached to another user's bus without saying it trusts them
+    sub = subscribe(name, owner=owner)
     stop_self()
     got = [sub.get(timeout=10).payload for _ in range(events)]
     if got != list(range(1, events + 1)):
@@ -103,7 +113,7 @@ def test_mode_0666_lets_another_uid_attach_to_a_root_publisher(bus_name):
     with Children() as kids:
         try:
             with Bus(bus_name, mode=0o666) as bus:
-                pid = kids.fork(lambda: _subscriber_as(NOBODY, bus_name, 3))
+                pid = kids.fork(lambda: _subscriber_as(NOBODY, bus_name, 3, os.geteuid()))
                 wait_stopped(pid)
                 assert bus.subscriber_count == 1
                 rings = _ring_entries(bus_name)
@@ -154,7 +164,7 @@ def test_mode_0666_between_two_unprivileged_uids(bus_name):
         try:
             pub = kids.fork(lambda: _publisher_as(OTHER, bus_name, w_ready, r_go, 3))
             assert _read_byte(r_ready) == b"r"
-            sub = kids.fork(lambda: _subscriber_as(NOBODY, bus_name, 3))
+            sub = kids.fork(lambda: _subscriber_as(NOBODY, bus_name, 3, OTHER))
             wait_stopped(sub)
             os.write(w_go, b"g")
             assert _read_byte(r_ready) == b"p"
@@ -193,7 +203,7 @@ def test_publisher_survives_the_death_of_another_uids_subscriber(bus_name):
             pub = kids.fork(lambda: _publisher_outliving_a_foreign_subscriber(
                 bus_name, w_ready, r_go))
             assert _read_byte(r_ready) == b"r"
-            sub = kids.fork(lambda: _subscriber_as(NOBODY, bus_name, 1))
+            sub = kids.fork(lambda: _subscriber_as(NOBODY, bus_name, 1, OTHER))
             wait_stopped(sub)
             wait_until(lambda: len(_ring_entries(bus_name)) == 2, 5, "the ring created")
             assert kids.kill(sub) == -signal.SIGKILL
