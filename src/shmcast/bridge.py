@@ -390,9 +390,11 @@ class Bridge:
         self.ended: str | None = None  # why run() returned
         self._ready = threading.Event()
         self._first: Event | None = None
+        self._resolved = 0  # missing local versions known to be local events, to count
         self._connected_once = False
         self._trimmed = False
-        self._local_gap = 0  # in-side losses not yet reported on the local bus
+        # In-side losses not yet reported on the local bus, per origin, and why.
+        self._local_gap: dict[str, int] = {}
         self._local_gap_reason: set[str] = set()
         self._pending_out: list[list[Any]] = []
 
@@ -506,14 +508,14 @@ class Bridge:
                 st.unseen += 1
             else:
                 self.stats.uncertain += 1
-                self._local_gap += 1
+                o = st.intent_origin
+                self._local_gap[o] = self._local_gap.get(o, 0) + 1
                 self._local_gap_reason.add("bridge restarted inside a publish")
         st.intent = (0, 0)
 
     def _loop(self) -> None:
         backoff = 0.05
         next_status = 0.0
-        next_info = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_status:
@@ -523,16 +525,13 @@ class Bridge:
                 try:
                     self._connect()
                     backoff = 0.05
-                    next_info = 0.0
                 except Exception as e:  # noqa: BLE001 (any failure to connect: retry)
                     self.stats.error = f"connect: {e}"
                     self._stop.wait(backoff * (0.5 + random.random()))  # noqa: S311
                     backoff = min(self.backoff_max, backoff * 2)
                     continue
             try:
-                self._round(now >= next_info)
-                if now >= next_info:
-                    next_info = now + 0.5
+                self._round()
             except (OSError, ConnectionError, TimeoutError) as e:
                 self._lost_connection(e)
             except Exception as e:
@@ -592,8 +591,8 @@ class Bridge:
     def _info_dict(reply: Any) -> dict[bytes, Any]:
         return {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
 
-    def _round(self, with_info: bool) -> None:
-        """One round trip: our XADDs, maybe XINFO STREAM, then XREAD BLOCK."""
+    def _round(self) -> None:
+        """One round trip: our XADDs, XINFO STREAM (trims, lag), then XREAD BLOCK."""
         import redis
 
         conn = self._conn
@@ -605,8 +604,7 @@ class Bridge:
         reading = self._pub is not None
         if reading:
             self._flush_local_gap()
-            if with_info:
-                cmds.append(["XINFO", "STREAM", self.key])
+            cmds.append(["XINFO", "STREAM", self.key])
             cmds.append(["XREAD", "COUNT", 500, "BLOCK", self.block_ms, "STREAMS", self.key,
                          _fmt_id(self._st.last_in)])
         elif not cmds:
@@ -628,9 +626,8 @@ class Bridge:
         self._pending_out = []
         if not reading:
             return
-        if with_info:
-            info = replies[n_out]
-            self._check_info(None if isinstance(info, Exception) else self._info_dict(info))
+        info = replies[n_out]
+        self._check_info(None if isinstance(info, Exception) else self._info_dict(info))
         read = replies[-1]
         if isinstance(read, Exception):
             raise ShmcastError(f"XREAD refused: {read}")
@@ -701,10 +698,14 @@ class Bridge:
         tb = e.type.encode()
         for i, (t, d, _) in enumerate(own):
             if t == tb and d == e.data:
+                st = self._st
                 for _ in range(i):  # handed over before it, never seen: dropped by our ring
                     own.popleft()
-                    self._st.missing -= 1
+                    st.missing -= 1
                 own.popleft()
+                # Every version below this one is now told apart: ours come in order.
+                self._resolved += max(0, st.missing)
+                st.missing = 0
                 return
         if own and own[0][0] is None:
             own.popleft()  # an own event of a previous run
@@ -713,17 +714,18 @@ class Bridge:
         """Missing local versions that were surely local events (not our own), to count."""
         st = self._st
         own = self._own
+        resolved, self._resolved = self._resolved, 0
         if st.missing <= 0:
             st.missing = max(0, st.missing)
-            return 0
+            return resolved
         now = time.monotonic()
         while own and st.missing > 0 and now - own[0][2] > _UNSEEN_LIMIT:
             own.popleft()  # not seen back in time while versions are missing: it was dropped
             st.missing -= 1
         if own:
-            return 0
+            return resolved
         lost, st.missing = st.missing, 0
-        return lost
+        return resolved + lost
 
     # --- in: stream -> local bus
 
@@ -767,6 +769,9 @@ class Bridge:
             reasons = set(self._local_gap_reason)
             if missing:
                 reasons.add("trimmed or lost in the stream" if trimmed else "missing in the stream")
+            for o, n in self._local_gap.items():
+                missing[o] = missing.get(o, 0) + n
+            self._local_gap = {}
             self._publish_gap(missing, st.last_in, plan[0][0] if plan else st.last_in, reasons)
         for ident, fields, origin, epoch, seq in plan:
             if fields is None:
@@ -823,16 +828,15 @@ class Bridge:
             self.stats.events_in += 1
         else:
             self.stats.in_rejected += 1
-            self._local_gap += 1
+            self._local_gap[origin] = self._local_gap.get(origin, 0) + 1
             self._local_gap_reason.add(reason)
         st.save()
 
     def _publish_gap(self, missing: dict[str, int], after: tuple[int, int],
                      before: tuple[int, int], reasons: set[str]) -> None:
-        count = sum(missing.values()) + self._local_gap
+        count = sum(missing.values())
         payload = {"count": count, "origins": missing, "after": _fmt_id(after),
-                   "before": _fmt_id(before), "reason": ", ".join(sorted(reasons)),
-                   "local": self._local_gap}
+                   "before": _fmt_id(before), "reason": ", ".join(sorted(reasons))}
         data = self._encode_gap(payload)
         self.stats.gaps += 1
         self.stats.gap_events += count
@@ -841,17 +845,19 @@ class Bridge:
         pub.publish(GAP_TYPE, data)
         if pub.dropped == dropped:
             self._own.append((GAP_TYPE.encode(), data, time.monotonic()))
-            self._local_gap = 0
             self._local_gap_reason = set()
-        else:  # the inbox is full: counted in stats, told on the bus later
+        else:  # the inbox is full: told on the bus later
             self.stats.gaps -= 1
             self.stats.gap_events -= count
-            self._local_gap = count
+            for o, n in missing.items():
+                self._local_gap[o] = self._local_gap.get(o, 0) + n
             self._local_gap_reason = reasons
 
     def _flush_local_gap(self) -> None:
         if self._local_gap:
-            self._publish_gap({}, self._st.last_in, self._st.last_in, set(self._local_gap_reason))
+            missing, self._local_gap = self._local_gap, {}
+            self._publish_gap(missing, self._st.last_in, self._st.last_in,
+                              set(self._local_gap_reason))
 
     def _encode_gap(self, payload: dict[str, Any]) -> bytes:
         codec = self._bus_codec
