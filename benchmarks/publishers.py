@@ -318,55 +318,90 @@ def cell(owner: Owner, ctx: Any, *, publishers: int, subscribers: int, rate: flo
 # --------------------------------------------------------------------------- the run
 
 
-def run(quick: bool) -> dict[str, Any]:
+def wait_for_quiet(max_load: float | None, max_wait: float) -> float:
+    """Wait (up to *max_wait* s) until the 1-minute load average is below *max_load*;
+    the load when the cell starts. A shared two-core machine is rarely idle."""
+    if max_load is not None:
+        deadline = time.monotonic() + max_wait
+        while os.getloadavg()[0] > max_load and time.monotonic() < deadline:
+            time.sleep(1)
+    return round(os.getloadavg()[0], 2)
+
+
+def run(quick: bool, repeat: int = 1, max_load: float | None = None,
+        max_load_wait: float = 120.0) -> dict[str, Any]:
+    """Every cell for every peer, the peers taking turns cell by cell (so a change in
+    the machine's load hits both alike), *repeat* times; the median of each number."""
     ctx = mp.get_context("spawn")
     seconds = 0.5 if quick else 3.0
     subscribers = 2
     pub_counts = [1, 4] if quick else [1, 4, 8]
-    results: dict[str, Any] = {"machine": {"python": platform.python_version(),
-                                           "cpus": os.cpu_count(),
-                                           "kernel": platform.release()},
-                               "quick": quick, "depth": DEPTH, "payload": PAYLOAD,
-                               "subscribers": subscribers, "peers": {}}
-    for kind in ("shmcast", "zmq"):
-        if kind == "zmq":
-            try:
-                import zmq  # noqa: F401
-            except ImportError as e:
-                results["peers"][kind] = {"unavailable": repr(e)}
-                continue
-        with tempfile.TemporaryDirectory(prefix="bench-pub-") as tmp:
-            owner = Owner(kind, ctx, tmp)
-            try:
-                peer: dict[str, Any] = {}
-                peer["latency_2000"] = cell(owner, ctx, publishers=1, subscribers=subscribers,
-                                            rate=2000, seconds=seconds + 0.5, warmup=200)
-                peer["throughput"] = [
-                    cell(owner, ctx, publishers=n, subscribers=subscribers, rate=0,
-                         seconds=seconds, warmup=0)
-                    for n in pub_counts
-                ]
-                results["peers"][kind] = peer
-            finally:
+    kinds = ["shmcast"]
+    unavailable: dict[str, str] = {}
+    try:
+        import zmq  # noqa: F401
+
+        kinds.append("zmq")
+    except ImportError as e:
+        unavailable["zmq"] = repr(e)
+    cells: list[tuple[str, dict[str, Any]]] = [
+        ("latency_2000", {"publishers": 1, "rate": 2000, "seconds": seconds + 0.5,
+                          "warmup": 200}),
+        *[(f"throughput_{n}", {"publishers": n, "rate": 0, "seconds": seconds, "warmup": 0})
+          for n in pub_counts],
+    ]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {k: {c: [] for c, _ in cells}
+                                                        for k in kinds}
+    with tempfile.TemporaryDirectory(prefix="bench-pub-") as tmp:
+        owners = {}
+        try:
+            for kind in kinds:
+                owners[kind] = Owner(kind, ctx, tmp)
+            for _ in range(repeat):
+                for name, params in cells:
+                    for kind in kinds:
+                        load = wait_for_quiet(max_load, max_load_wait)
+                        out = cell(owners[kind], ctx, subscribers=subscribers, **params)
+                        out["load"] = load
+                        runs[kind][name].append(out)
+        finally:
+            for owner in owners.values():
                 owner.close()
-    return results
+
+    def median_of(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        merged = dict(samples[0])
+        for key, value in samples[0].items():
+            if isinstance(value, (int, float)) and key not in ("publishers", "subscribers"):
+                merged[key] = statistics.median(s[key] for s in samples if key in s)
+        merged["runs"] = samples
+        return merged
+
+    peers: dict[str, Any] = {k: {"unavailable": why} for k, why in unavailable.items()}
+    for kind in kinds:
+        peers[kind] = {
+            "latency_2000": median_of(runs[kind]["latency_2000"]),
+            "throughput": [median_of(runs[kind][f"throughput_{n}"]) for n in pub_counts],
+        }
+    return {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                        "kernel": platform.release()},
+            "quick": quick, "repeat": repeat, "depth": DEPTH, "payload": PAYLOAD,
+            "subscribers": subscribers, "peers": peers}
 
 
 def table(results: dict[str, Any]) -> str:
     """The numbers as a Markdown table."""
-    lines = ["| peer | latency p50 at 2,000/s | p99 | " + " | ".join(
-        f"delivered/s, {c['publishers']} pub{'s' if c['publishers'] > 1 else ''}"
-        for c in next(p for p in results["peers"].values() if "throughput" in p)["throughput"])
-        + " |"]
-    lines.append("|---" * (3 + len(next(p for p in results["peers"].values()
-                                         if "throughput" in p)["throughput"])) + "|")
+    measured = [p for p in results["peers"].values() if "throughput" in p]
+    counts = [c["publishers"] for c in measured[0]["throughput"]]
+    lines = ["| peer | latency p50 at 2,000/s | p99 | "
+             + " | ".join(f"delivered/s, {n} publisher{'s' if n > 1 else ''}" for n in counts)
+             + " |", "|---" * (3 + len(counts)) + "|"]
     for kind, peer in results["peers"].items():
         if "unavailable" in peer:
             lines.append(f"| {kind} | not measured: {peer['unavailable']} |")
             continue
         lat = peer["latency_2000"]
-        cells = [f"{c['delivered_per_s']:,}" + (f" ({c['pub_dropped']:,} dropped)"
-                                                 if c["pub_dropped"] else "")
+        cells = [f"{round(c['delivered_per_s']):,}"
+                 + (f" ({round(c['pub_dropped']):,} dropped)" if c["pub_dropped"] else "")
                  for c in peer["throughput"]]
         lines.append(f"| {kind} | {lat.get('p50_us', '-')} µs | {lat.get('p99_us', '-')} µs | "
                      + " | ".join(cells) + " |")
@@ -378,8 +413,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: checks that it runs")
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every cell this many times; report the medians")
+    parser.add_argument("--max-load", type=float,
+                        help="before each cell, wait until the 1-minute load average is below")
+    parser.add_argument("--max-load-wait", type=float, default=120.0,
+                        help="...for at most this many seconds (default 120)")
     args = parser.parse_args(argv)
-    results = run(args.quick)
+    results = run(args.quick, args.repeat, args.max_load, args.max_load_wait)
     print(table(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ is the owner's mark that it drains no more. The writer's and the reader's
 fields sit on separate cache lines::
 
     0    8     magic b"SHMCRING"
-    8    4     layout version (1)
+    8    4     layout version (3)
     12   4     slots
     16   4     slot size (payload max)
     20   4     slot stride

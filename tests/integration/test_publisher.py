@@ -713,7 +713,7 @@ def test_ls_and_stat_show_publishers(bus_name: str) -> None:
             assert cli.main(list(argv)) == 0
         return out.getvalue()
 
-    with Bus(bus_name, max_publishers=2, slots=4) as bus:
+    with Bus(bus_name, max_publishers=2, slots=16) as bus:  # the inbox holds all 7
         child = subprocess.Popen([sys.executable, "-c", STAT_CODE.format(name=bus_name, n=7)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
