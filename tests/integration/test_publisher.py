@@ -437,7 +437,7 @@ def test_idle_drain_thread_does_not_poll(bus_name: str) -> None:
 
 
 def _many(bus_name: str, tmp_path: Path, *, per_pub: int, owner_events: int, subs: int,
-          methods: tuple[str, ...], pace: int) -> None:
+          methods: tuple[str, ...], pace: int, ring: int = 1 << 14) -> None:
     work = tmp_path
     sub_tags = [f"s{k}" for k in range(subs)]
     pub_tags = [f"p{k}" for k in range(len(methods))]
@@ -445,7 +445,7 @@ def _many(bus_name: str, tmp_path: Path, *, per_pub: int, owner_events: int, sub
              codec="raw") as bus, children() as procs:
         for tag in sub_tags:
             procs.append(Proc("python-c", "subscriber", name=bus_name, workdir=str(work), tag=tag,
-                              slots=1 << 14))
+                              slots=ring))
         wait_ready(work, sub_tags)
         for k, (tag, method) in enumerate(zip(pub_tags, methods, strict=True)):
             procs.append(Proc(method, "publisher", name=bus_name, workdir=str(work), tag=tag,
@@ -482,18 +482,18 @@ def _many(bus_name: str, tmp_path: Path, *, per_pub: int, owner_events: int, sub
     assert sum(r["dropped"] for r in sub_reports.values()) == bus_dropped
     versions = check_streams(sub_reports, version)
     # Each publisher's own line: its events that got a version, plus its dropped, is
-    # what it gave to publish (every version is seen by some subscriber when one of
-    # them dropped nothing).
-    if any(r["dropped"] == 0 for r in sub_reports.values()):
-        per_src: dict[int, int] = defaultdict(int)
-        for src, _ in versions:
-            per_src[src] += 1
-        assert per_src[roles.OWNER] == owner_events
-        for k, tag in enumerate(pub_tags):
-            assert per_src[k + 1] + pubs[tag]["dropped"] == pubs[tag]["count"], tag
-    else:
-        drops = [r["dropped"] for r in sub_reports.values()]
-        pytest.fail(f"every subscriber dropped events: {drops}")
+    # what it gave to publish. Every version is seen by some subscriber when one of
+    # them dropped nothing (their rings hold the whole default run).
+    per_src: dict[int, int] = defaultdict(int)
+    for src, _ in versions:
+        per_src[src] += 1
+    exact = any(r["dropped"] == 0 for r in sub_reports.values())
+    if ring >= version:
+        assert exact, "a ring that holds every event dropped some"
+    for k, tag in enumerate(pub_tags):
+        seen = per_src[k + 1] + pubs[tag]["dropped"]
+        assert seen == pubs[tag]["count"] if exact else seen <= pubs[tag]["count"], (tag, seen)
+    assert per_src[roles.OWNER] == owner_events if exact else per_src[roles.OWNER] <= owner_events
     for tag, rep in pubs.items():
         assert rep["worst"] < 0.5, f"{tag}: a publish() took {rep['worst']:.3f} s"
     assert worst < 0.5, f"the owner's publish() took {worst:.3f} s"
@@ -621,7 +621,7 @@ def test_owner_stopped_then_killed(bus_name: str) -> None:
             t = time.perf_counter()
             pub.publish("e", i)
             worst = max(worst, time.perf_counter() - t)
-        assert worst < 0.05, f"publish took {worst:.3f} s with the owner stopped"
+        assert worst < 0.25, f"publish took {worst:.3f} s with the owner stopped"
         assert pub.dropped == 20  # the inbox took `slots`; the rest could not be handed over
         os.kill(owner.pid, signal.SIGCONT)
         got = [sub.get(timeout=5).payload for _ in range(slots)]
