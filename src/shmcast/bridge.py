@@ -156,11 +156,18 @@ class _Bytes:
 # --------------------------------------------------------------------------- state file
 
 _MAGIC = b"SHMCBRG1"
-_HEAD = struct.Struct("<QQ QQqQ 32sQQ H256s QQQ QQ QI")
+_GAP_B = GAP_TYPE.encode()
+_GAP_MAX = 2048  # bytes of a gap event's payload kept in the state until it is published
+_HEAD = struct.Struct(f"<QQ QQqQ 32sQQ H256s QQQ QQ QI H{_GAP_MAX}s")
 _ORIGIN = struct.Struct("<32sQQ")
-_COPY_OFF = (64, 64 + 4096)
-_STATE_SIZE = 64 + 2 * 4096
-assert _HEAD.size + MAX_ORIGINS * _ORIGIN.size + 8 <= 4096
+_COPY = 8192
+_COPY_OFF = (64, 64 + _COPY)
+_STATE_SIZE = 64 + 2 * _COPY
+assert _HEAD.size + MAX_ORIGINS * _ORIGIN.size + 8 <= _COPY
+
+
+class _Stopping(Exception):
+    """Asked to stop while waiting for room in the local bus: end without advancing."""
 
 
 class _State:
@@ -202,6 +209,7 @@ class _State:
         self.missing = 0  # m: local versions missed, not yet attributed
         self.out_epoch = 0
         self.out_seq = 0
+        self.gap_pending = b""  # a gap event written ahead, until it is published
         self.gen = 0
         self.origins: dict[str, tuple[int, int]] = {}
         self.loaded = False
@@ -228,7 +236,8 @@ class _State:
         f = _HEAD.unpack_from(self.buf, off + 8)
         (lm, ls, im, is_, self.intent_place, self.intent_w, origin, self.intent_epoch,
          self.intent_seq, tlen, ttype, self.nonce, self.last_version, self.unseen,
-         self.missing, self.out_epoch, self.out_seq, n) = f
+         self.missing, self.out_epoch, self.out_seq, n, glen, gap) = f
+        self.gap_pending = gap[:glen]
         self.last_in, self.intent = (lm, ls), (im, is_)
         self.intent_origin = origin.rstrip(b"\0").decode()
         self.intent_type = ttype[:tlen]
@@ -256,6 +265,7 @@ class _State:
             self.intent_w, self.intent_origin.encode(), self.intent_epoch, self.intent_seq,
             len(self.intent_type), self.intent_type, self.nonce, self.last_version, self.unseen,
             self.missing, self.out_epoch, self.out_seq, len(self.slot_of),
+            len(self.gap_pending), self.gap_pending,
         )
         q = self.q
         q[off // 8] = 0
@@ -393,9 +403,6 @@ class Bridge:
         self._resolved = 0  # missing local versions known to be local events, to count
         self._connected_once = False
         self._trimmed = False
-        # In-side losses not yet reported on the local bus, per origin, and why.
-        self._local_gap: dict[str, int] = {}
-        self._local_gap_reason: set[str] = set()
         self._pending_out: list[list[Any]] = []
 
     # --- lifecycle
@@ -447,6 +454,7 @@ class Bridge:
             self._bytes = _Bytes(g.codec)
             if st.nonce != g.nonce:  # another bus (or the first run): versions start anew
                 st.nonce, st.last_version, st.unseen, st.missing = g.nonce, 0, 0, 0
+                st.intent, st.intent_place = (0, 0), -1  # read again, published on this bus
             # Own events handed over by a previous run, not yet seen back: anonymous.
             self._own: deque[tuple[bytes | None, bytes | None, float]] = deque()
             now = time.monotonic()
@@ -458,8 +466,12 @@ class Bridge:
                 self._sub = subscribe(self.name, slots=self.slots, codec=self._bytes)
             if self.direction != "out":
                 self._pub = self._attach_publisher(Publisher)
+            if st.gap_pending:
+                self._publish_pending_gap()
             self._ready.set()
             self._loop()
+        except _Stopping:
+            self.ended = "stopped"
         except StreamClosed as e:
             self.ended = f"the local bus ended ({e.reason})"
         except ShmcastError as e:
@@ -492,26 +504,38 @@ class Bridge:
                 time.sleep(0.05)
 
     def _resolve_intent(self, now: float) -> None:
+        """After a kill inside a publish: did that event (or gap event) reach the bus?"""
         st = self._st
+        if st.gap_pending:
+            handed = st.intent_place >= 0 and _was_handed(
+                self.name, st.intent_place, st.intent_w, _GAP_B)
+            if handed:
+                st.unseen += 1
+                st.gap_pending = b""
+            # else: run() publishes it again once attached (a duplicate only if we cannot tell)
+            return
         if st.intent == (0, 0):
             return
         handed = None
         if st.intent_place >= 0:
             handed = _was_handed(self.name, st.intent_place, st.intent_w, st.intent_type)
         if handed is False:
-            pass  # not handed over: it will be read again from last_in and published
-        else:
-            # Handed over (or cannot tell: then never twice, and counted).
-            st.last_in = st.intent
-            st.set_origin(st.intent_origin, st.intent_epoch, st.intent_seq)
-            if handed:
-                st.unseen += 1
-            else:
-                self.stats.uncertain += 1
-                o = st.intent_origin
-                self._local_gap[o] = self._local_gap.get(o, 0) + 1
-                self._local_gap_reason.add("bridge restarted inside a publish")
+            st.intent = (0, 0)
+            return  # not handed over: read again from last_in and published
+        # Handed over (or we cannot tell: then never twice, and counted).
+        ident = st.intent
         st.intent = (0, 0)
+        if handed:
+            st.last_in = ident
+            st.set_origin(st.intent_origin, st.intent_epoch, st.intent_seq)
+            st.unseen += 1
+            return
+        self.stats.uncertain += 1
+        st.last_in = ident
+        st.set_origin(st.intent_origin, st.intent_epoch, st.intent_seq)
+        st.gap_pending = self._encode_gap({
+            "count": 1, "origins": {st.intent_origin: 1}, "after": _fmt_id(ident),
+            "before": _fmt_id(ident), "reason": "bridge killed inside a publish it cannot tell"})
 
     def _loop(self) -> None:
         backoff = 0.05
@@ -603,7 +627,6 @@ class Bridge:
         n_out = len(cmds)
         reading = self._pub is not None
         if reading:
-            self._flush_local_gap()
             cmds.append(["XINFO", "STREAM", self.key])
             cmds.append(["XREAD", "COUNT", 500, "BLOCK", self.block_ms, "STREAMS", self.key,
                          _fmt_id(self._st.last_in)])
@@ -731,143 +754,164 @@ class Bridge:
 
     def _deliver(self, entries: list[Any]) -> None:
         st = self._st
-        stats = self.stats
         trimmed, self._trimmed = self._trimmed, False
-        # First pass: what is new, what is a duplicate, and how many are missing.
-        plan: list[tuple[tuple[int, int], dict[bytes, bytes] | None, str, int, int]] = []
-        missing: dict[str, int] = {}
-        seqs = dict(st.origins)
+        why = "trimmed or lost in the stream" if trimmed else "missing in the stream"
+        parsed: list[tuple[tuple[int, int], dict[bytes, bytes] | None, str]] = []
         for raw_id, flat in entries:
-            ident = _parse_id(raw_id)
-            f = {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
-            origin = f.get(b"origin", b"").decode("utf-8", "replace")
-            if origin == self.host or b"seq" not in f:
-                plan.append((ident, None, "", 0, 0))
+            fields = {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+            origin = fields.get(b"origin", b"").decode("utf-8", "replace")
+            own = origin == self.host or b"seq" not in fields or b"epoch" not in fields
+            parsed.append((_parse_id(raw_id), None if own else fields, origin))
+        # The jumps at each origin's first entry of the batch: entries trimmed (or lost
+        # with Redis) before we read them, all told by ONE gap event.
+        first: dict[str, tuple[int, int, int]] = {}
+        for _, f, origin in parsed:
+            if f is None or origin in first:
                 continue
-            epoch, seq = int(f[b"epoch"]), int(f[b"seq"])
-            marker = f.get(b"type") == GAP_TYPE.encode()
-            prev = seqs.get(origin)
-            if prev is None:  # the first entry we see from it: our baseline
-                last_seq = seq if marker else seq - 1
-            elif prev[0] != epoch:
-                last_seq = 0  # a new numbering: it starts at 1
-            else:
-                last_seq = prev[1]
-            if seq < last_seq or (seq == last_seq and not marker):
-                stats.duplicates += 1  # a retried XADD: delivered already
-                plan.append((ident, None, "", 0, 0))
-                continue
-            if seq == last_seq:  # a marker that counts nothing new
-                plan.append((ident, None, "", 0, 0))
-                continue
-            jump = seq - last_seq - (0 if marker else 1)
-            if jump > 0:
-                missing[origin] = missing.get(origin, 0) + jump
-            seqs[origin] = (epoch, seq)
-            plan.append((ident, None if marker else f, origin, epoch, seq))
-        if missing or self._local_gap:
-            reasons = set(self._local_gap_reason)
-            if missing:
-                reasons.add("trimmed or lost in the stream" if trimmed else "missing in the stream")
-            for o, n in self._local_gap.items():
-                missing[o] = missing.get(o, 0) + n
-            self._local_gap = {}
-            self._publish_gap(missing, st.last_in, plan[0][0] if plan else st.last_in, reasons)
-        for ident, fields, origin, epoch, seq in plan:
-            if fields is None:
+            epoch, seq, marker = int(f[b"epoch"]), int(f[b"seq"]), f.get(b"type") == _GAP_B
+            jump = seq - self._last_seq(origin, epoch, seq, marker) - (0 if marker else 1)
+            first[origin] = (epoch, seq - (0 if marker else 1), jump)
+        jumps = {o: v for o, v in first.items() if v[2] > 0}
+        if jumps:
+            self._gap(jumps, why, after=st.last_in, before=parsed[0][0])
+        for ident, f, origin in parsed:
+            if f is None:
                 st.last_in = ident
-                if origin:
-                    st.set_origin(origin, epoch, seq)
                 continue
-            self._publish_in(ident, fields, origin, epoch, seq)
+            epoch, seq, marker = int(f[b"epoch"]), int(f[b"seq"]), f.get(b"type") == _GAP_B
+            last = self._last_seq(origin, epoch, seq, marker)
+            if seq < last or (seq == last and not marker):
+                self.stats.duplicates += 1  # a retried XADD: delivered already
+                st.last_in = ident
+                continue
+            jump = seq - last - (0 if marker else 1)
+            if jump > 0:
+                self._gap({origin: (epoch, seq - (0 if marker else 1), jump)}, why,
+                          after=st.last_in, before=ident)
+            if marker:
+                st.set_origin(origin, epoch, seq)
+                st.last_in = ident
+                continue
+            self._publish_in(ident, f, origin, epoch, seq)
         st.save()
-        stats.last_id = _fmt_id(st.last_in)
+        self.stats.last_id = _fmt_id(st.last_in)
+
+    def _last_seq(self, origin: str, epoch: int, seq: int, marker: bool) -> int:
+        """The last seq of *origin* accounted for here (delivered or counted)."""
+        prev = self._st.origins.get(origin)
+        if prev is None:  # the first entry we ever see from it: our baseline
+            return seq if marker else seq - 1
+        if prev[0] != epoch:
+            return 0  # a new numbering (its state was lost): it starts at 1
+        return prev[1]
+
+    def _hand(self, type_: str, data: bytes) -> bool:
+        """Publish into the local bus, waiting for room in a full inbox (the stream is our
+        buffer; the bus owner drains within milliseconds unless it is stopped). False only
+        when the bridge is asked to stop first."""
+        pub = self._pub
+        pause = 0.0002
+        while True:
+            before = pub.dropped
+            pub.publish(type_, data)
+            if pub.dropped == before:
+                return True
+            if self._stop.wait(pause):
+                return False
+            pause = min(0.01, pause * 2)
+
+    def _mark_intent(self, type_b: bytes) -> None:
+        """Write down where our next publish will land, so a restart can tell if it did."""
+        st = self._st
+        s = self._pub._s  # the inbox position makes a restart exact: see _was_handed
+        writer = getattr(s, "writer", None)
+        place = getattr(s, "place", None)
+        st.intent_place = place if writer is not None and place is not None else -1
+        st.intent_w = writer.w if writer is not None else 0
+        st.intent_type = type_b if len(type_b) <= 255 else b""
 
     def _publish_in(self, ident: tuple[int, int], f: dict[bytes, bytes], origin: str,
                     epoch: int, seq: int) -> None:
         from ._errors import EventTooLargeError
 
         st = self._st
-        pub = self._pub
         type_s = f"{IN_PREFIX}{_fmt_id(ident)}:{origin}:{f[b'type'].decode('utf-8', 'replace')}"
         type_b = type_s.encode()
         data = f.get(b"data", b"")
-        s = pub._s  # the inbox position makes a restart exact: see _was_handed
-        writer = getattr(s, "writer", None)
         st.intent = ident
-        st.intent_place = s.place if writer is not None and s.place is not None else -1
-        st.intent_w = writer.w if writer is not None else 0
         st.intent_origin, st.intent_epoch, st.intent_seq = origin, epoch, seq
-        st.intent_type = type_b if len(type_b) <= 255 else b""
+        self._mark_intent(type_b)
         st.save()
-        ok = False
-        reason = "local bus full"
+        reason = ""
         try:
-            # A full inbox rejects at once; the stream is our buffer, so wait for room
-            # (the bus owner drains within milliseconds unless it is stopped).
-            deadline = time.monotonic() + _INBOX_PATIENCE
-            pause = 0.0002
-            while True:
-                before = pub.dropped
-                pub.publish(type_s, data)
-                ok = pub.dropped == before
-                if ok or time.monotonic() > deadline or self._stop.is_set():
-                    break
-                time.sleep(pause)
-                pause = min(0.01, pause * 2)
+            if not self._hand(type_s, data):
+                st.intent = (0, 0)
+                raise _Stopping
         except EventTooLargeError:
             reason = "too large for the local bus"
         except ValueError:
             reason = "type too long for the local bus"
         st.intent = (0, 0)
+        if reason:  # this host cannot take it: counted, never silent
+            self.stats.in_rejected += 1
+            self._gap({origin: (epoch, seq, 1)}, reason, after=st.last_in, before=ident,
+                      last_in=ident)
+            return
         st.last_in = ident
         st.set_origin(origin, epoch, seq)
-        if ok:
-            self._own.append((type_b, data, time.monotonic()))
-            st.unseen = len(self._own)
-            self.stats.events_in += 1
-        else:
-            self.stats.in_rejected += 1
-            self._local_gap[origin] = self._local_gap.get(origin, 0) + 1
-            self._local_gap_reason.add(reason)
+        self._own.append((type_b, data, time.monotonic()))
+        st.unseen = len(self._own)
+        self.stats.events_in += 1
         st.save()
 
-    def _publish_gap(self, missing: dict[str, int], after: tuple[int, int],
-                     before: tuple[int, int], reasons: set[str]) -> None:
-        count = sum(missing.values())
-        payload = {"count": count, "origins": missing, "after": _fmt_id(after),
-                   "before": _fmt_id(before), "reason": ", ".join(sorted(reasons))}
-        data = self._encode_gap(payload)
-        self.stats.gaps += 1
-        self.stats.gap_events += count
-        pub = self._pub
-        dropped = pub.dropped
-        pub.publish(GAP_TYPE, data)
-        if pub.dropped == dropped:
-            self._own.append((GAP_TYPE.encode(), data, time.monotonic()))
-            self._local_gap_reason = set()
-        else:  # the inbox is full: told on the bus later
-            self.stats.gaps -= 1
-            self.stats.gap_events -= count
-            for o, n in missing.items():
-                self._local_gap[o] = self._local_gap.get(o, 0) + n
-            self._local_gap_reason = reasons
+    def _gap(self, jumps: dict[str, tuple[int, int, int]], reason: str, *,
+             after: tuple[int, int], before: tuple[int, int],
+             last_in: tuple[int, int] | None = None) -> None:
+        """Count missing entries: ONE local ``shmcast.gap`` event, written ahead in the state
+        (with the per-origin numbering it accounts for) so that a kill never loses or repeats it.
 
-    def _flush_local_gap(self) -> None:
-        if self._local_gap:
-            missing, self._local_gap = self._local_gap, {}
-            self._publish_gap(missing, self._st.last_in, self._st.last_in,
-                              set(self._local_gap_reason))
+        *jumps* maps an origin to (epoch, the seq accounted for up to, how many are missing).
+        """
+        st = self._st
+        payload: dict[str, Any] = {"count": sum(n for _, _, n in jumps.values()),
+                   "origins": {o: n for o, (_, _, n) in jumps.items()},
+                   "after": _fmt_id(after), "before": _fmt_id(before), "reason": reason}
+        for o, (epoch, upto, _) in jumps.items():
+            st.set_origin(o, epoch, upto)
+        if last_in is not None:
+            st.last_in = last_in
+        st.gap_pending = self._encode_gap(payload)
+        self.stats.gaps += 1
+        self.stats.gap_events += int(payload["count"])
+        self._publish_pending_gap()
+
+    def _publish_pending_gap(self) -> None:
+        st = self._st
+        data = st.gap_pending
+        self._mark_intent(_GAP_B)
+        st.save()
+        if not self._hand(GAP_TYPE, data):
+            raise _Stopping  # still pending in the state: the next run publishes it
+        self._own.append((_GAP_B, data, time.monotonic()))
+        st.unseen = len(self._own)
+        st.gap_pending = b""
+        st.save()
 
     def _encode_gap(self, payload: dict[str, Any]) -> bytes:
         codec = self._bus_codec
         if codec in ("json", "raw"):
-            return json.dumps(payload, separators=(",", ":")).encode()
-        if codec == "pickle":
-            return pickle.dumps(payload)
-        if self.codec is None:
+            data = json.dumps(payload, separators=(",", ":")).encode()
+        elif codec == "pickle":
+            data = pickle.dumps(payload)
+        elif self.codec is None:
             raise ShmcastError(f"the bus uses the custom codec {codec!r}: pass codec= to Bridge")
-        return bytes(self.codec.dumps(payload))  # type: ignore[attr-defined]
+        else:
+            data = bytes(self.codec.dumps(payload))  # type: ignore[attr-defined]
+        if len(data) > _GAP_MAX:
+            payload["origins"] = dict(list(payload["origins"].items())[:8])
+            payload["truncated"] = True
+            return self._encode_gap(payload)
+        return data
 
     # --- status
 
