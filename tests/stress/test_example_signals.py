@@ -38,8 +38,18 @@ def _deps(example: str) -> None:
         web.require("gunicorn", "starlette", "uvicorn", "uvicorn_worker", "httpx")
 
 
+def _assert_stops(server: web.Gunicorn, sig: signal.Signals) -> None:
+    before = len(server.log())
+    took = server.stop(sig=sig, timeout=30)
+    assert took < 15, f"{signal.Signals(sig).name} took {took:.1f} s"
+    assert "was sent SIGKILL" not in server.log()[before:], (
+        f"a worker had to be SIGKILLed after {signal.Signals(sig).name}")
+
+
 def _one_run(example: str, sig: signal.Signals, bus: str, tmp_path: Path) -> None:
-    server = web.Gunicorn(example, bus, tmp_path)
+    # A hung worker is SIGKILLed by the master after the graceful timeout, and the
+    # master logs it: the test fails on that line, not on a loaded machine's pace.
+    server = web.Gunicorn(example, bus, tmp_path, args=["--graceful-timeout", "10"])
     server.start()
     clients = [web.SSEClient(server.url, reconnect=False) for _ in range(3)]
     try:
@@ -59,9 +69,9 @@ def _one_run(example: str, sig: signal.Signals, bus: str, tmp_path: Path) -> Non
             finally:
                 fresh.stop()
             assert "was sent SIGKILL" not in server.log()[before:], server.log()[before:]
-            web.assert_quick_stop(server, signal.SIGTERM)
+            _assert_stops(server, signal.SIGTERM)
         else:
-            web.assert_quick_stop(server, sig)
+            _assert_stops(server, sig)
     finally:
         for client in clients:
             client.stop()
