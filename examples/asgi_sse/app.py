@@ -59,6 +59,8 @@ KEEPALIVE = float(os.environ.get("SHMCAST_KEEPALIVE", "15"))
 BUFFER = int(os.environ.get("SHMCAST_BUFFER", "64"))  # events a stream may fall behind
 HISTORY = int(os.environ.get("SHMCAST_HISTORY", "1024"))  # events kept for Last-Event-ID
 HUB_SLOTS = int(os.environ.get("SHMCAST_HUB_SLOTS", "128"))  # the hub's ring on the bus
+BATCH = 64  # events written at most in one go
+LAGGING = 0.05  # seconds after its publication an event is late
 # The page is the gunicorn example's: it only speaks to /events.
 INDEX_HTML = (Path(__file__).parent.parent / "gunicorn_sse" / "index.html").read_text("utf-8")
 logger = logging.getLogger("uvicorn.error")  # the worker sends it to gunicorn's error log
@@ -102,10 +104,21 @@ async def lifespan(app):
         drain()
 
 
+# The SSE text of the last events, formatted once for all the streams of the worker.
+_formatted: dict[tuple[int, float], bytes] = {}
+
+
 def format_event(event) -> bytes:
-    data = event.data.decode("utf-8")
-    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
-    return f"id: {event.version}\nevent: {event.type}\n{lines}\n".encode()
+    key = (event.version, event.timestamp)
+    text = _formatted.get(key)
+    if text is None:
+        data = event.data.decode("utf-8")
+        lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+        text = f"id: {event.version}\nevent: {event.type}\n{lines}\n".encode()
+        if len(_formatted) >= 256:
+            _formatted.clear()
+        _formatted[key] = text
+    return text
 
 
 def parse_last_event_id(value: str | None) -> int | None:
@@ -204,19 +217,28 @@ class SSEResponse:
         feed = self.feed
         synced, last = self.synced, self.last
         dropped_seen = 0
-        async for event in feed:  # ends when the bus closes, the master dies or drain()
+        async for first in feed:  # ends when the bus closes, the master dies or drain()
+            # A stream that fell behind writes what else is ready in the same write: it
+            # catches up in a few writes, not one per event.
+            batch = [first]
+            while len(batch) < BATCH and time.time() - first.timestamp > LAGGING:
+                try:
+                    batch.append(feed.get_nowait())
+                except (TimeoutError, StreamClosed):
+                    break
             out = []
-            dropped = feed.dropped
-            if dropped != dropped_seen:
-                out.append(f": dropped {dropped - dropped_seen}\n\n".encode())
-                dropped_seen = dropped
-            if synced and event.version != last + 1:
-                synced = False  # a hole: wait for the next snapshot
-            if not synced and event.type == "members":
-                synced = True
-            if synced:
-                out.append(format_event(event))
-                last = event.version
+            for event in batch:
+                dropped = feed.dropped
+                if dropped != dropped_seen:
+                    out.append(f": dropped {dropped - dropped_seen}\n\n".encode())
+                    dropped_seen = dropped
+                if synced and event.version != last + 1:
+                    synced = False  # a hole: wait for the next snapshot
+                if not synced and event.type == "members":
+                    synced = True
+                if synced:
+                    out.append(format_event(event))
+                    last = event.version
             if out:
                 await self._write(b"".join(out))
 
