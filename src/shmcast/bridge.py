@@ -78,6 +78,8 @@ _HOST_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _ID_RE = re.compile(rb"(\d+)-(\d+)")
 MAX_ORIGINS = 64
 _INBOX_PATIENCE = 5.0  # s: how long an entry waits for room in a full inbox before it is a gap
+_POLL_MIN = 0.0005
+_COUNT = 500  # entries per XREAD
 _UNSEEN_LIMIT = 2.0  # s: an own event not seen back by then, while versions are missing, was lost
 
 DIRECTIONS = ("in", "out", "both")
@@ -351,8 +353,9 @@ class Bridge:
     :param host_id: this host's id in the stream (default: the hostname), 1 to 32
         of ``[A-Za-z0-9_.-]``; every host of a stream needs its own.
     :param maxlen: the stream's approximate length bound (``MAXLEN ~``).
-    :param block_ms: how long one ``XREAD`` blocks. With ``both`` this is also how
-        long a local event may wait before it is sent (one connection does both).
+    :param block_ms: ``in``: how long one ``XREAD BLOCK`` waits. ``both``: the
+        longest pause between two reads of the stream while it is quiet (local
+        events are sent at once). See :meth:`_round`.
     :param slots: ring size of the bridge's own subscription to the local bus.
     :param start: where a bridge without state begins reading: ``"end"`` (new
         entries only) or ``"begin"`` (the whole stream).
@@ -362,7 +365,7 @@ class Bridge:
 
     def __init__(self, name: str, redis_url: str, *, stream: str | None = None,
                  direction: str = "both", host_id: str | None = None, maxlen: int = 100_000,
-                 block_ms: int = 5, slots: int = 1024, start: str = "end",
+                 block_ms: int = 10, slots: int = 1024, start: str = "end",
                  state_dir: str | os.PathLike[str] | None = None, codec: object = None,
                  connect_timeout: float = 2.0, backoff_max: float = 2.0) -> None:
         from ._names import check_name
@@ -383,7 +386,7 @@ class Bridge:
         self.direction = direction
         self.host = host
         self.maxlen = maxlen
-        self.block_ms = block_ms if direction == "both" else max(block_ms, 200)
+        self.block_ms = block_ms if direction == "both" else max(block_ms, 500)
         self.slots = slots
         self.start_at = start
         self.codec = codec
@@ -400,6 +403,9 @@ class Bridge:
         self.ended: str | None = None  # why run() returned
         self._ready = threading.Event()
         self._first: Event | None = None
+        self._more = False  # the last XREAD returned entries: read again at once
+        self._poll = _POLL_MIN  # both: how long to wait on the local bus before reading
+        self._next_info = 0.0
         self._resolved = 0  # missing local versions known to be local events, to count
         self._connected_once = False
         self._trimmed = False
@@ -616,25 +622,41 @@ class Bridge:
         return {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
 
     def _round(self) -> None:
-        """One round trip: our XADDs, XINFO STREAM (trims, lag), then XREAD BLOCK."""
+        """One round trip: our XADDs, XINFO STREAM (trims, lag), then XREAD.
+
+        ``in``: ``XREAD BLOCK block_ms``: an entry wakes it at once. ``out``: wait
+        on the local bus (its wake-up is immediate), then XADD. ``both``: one
+        connection cannot block in XREAD and send at the same time, and Redis
+        ends a ``BLOCK`` timeout only at its ``hz`` tick (100 ms by default,
+        whatever the timeout asked): so the bridge waits on the local bus instead,
+        for at most the poll interval, and reads the stream without blocking.
+        The interval restarts at 0.5 ms after entries came and doubles, up to
+        ``block_ms``, while none do.
+        """
         import redis
 
         conn = self._conn
         cmds: list[list[Any]] = []
-        if self._sub is not None:
+        reading = self._pub is not None
+        sub = self._sub
+        if sub is not None:
+            if not self._pending_out and self._first is None and not self._more:
+                with contextlib.suppress(TimeoutError):
+                    self._first = sub.get(timeout=self._poll if reading else 0.2)
             self._collect_out()
             cmds.extend(self._pending_out)
+            if not reading and not cmds:
+                return
         n_out = len(cmds)
-        reading = self._pub is not None
         if reading:
-            cmds.append(["XINFO", "STREAM", self.key])
-            cmds.append(["XREAD", "COUNT", 500, "BLOCK", self.block_ms, "STREAMS", self.key,
+            now = time.monotonic()
+            with_info = now >= self._next_info  # the lag; trims are checked on a gap
+            if with_info:
+                self._next_info = now + 0.5
+                cmds.append(["XINFO", "STREAM", self.key])
+            block = ["BLOCK", self.block_ms] if sub is None else []
+            cmds.append(["XREAD", "COUNT", _COUNT, *block, "STREAMS", self.key,
                          _fmt_id(self._st.last_in)])
-        elif not cmds:
-            # out only and nothing to send: wait for a local event.
-            with contextlib.suppress(TimeoutError):
-                self._first = self._sub.get(timeout=0.2)
-            return
         conn.send_packed_command(conn.pack_commands(cmds))
         replies: list[Any] = []
         for _ in cmds:
@@ -649,15 +671,30 @@ class Bridge:
         self._pending_out = []
         if not reading:
             return
-        info = replies[n_out]
-        self._check_info(None if isinstance(info, Exception) else self._info_dict(info))
+        if with_info:
+            info = replies[n_out]
+            self._check_info(None if isinstance(info, Exception) else self._info_dict(info))
         read = replies[-1]
         if isinstance(read, Exception):
             raise ShmcastError(f"XREAD refused: {read}")
-        if read:
-            self._deliver(read[0][1])
+        entries = read[0][1] if read else []
+        self._more = bool(entries)
+        self._poll = _POLL_MIN if entries else min(self._poll * 2, self.block_ms / 1000)
+        if entries:
+            self._deliver(entries)
 
-    def _check_info(self, info: dict[bytes, Any] | None) -> None:
+    def _trim_reason(self, after: tuple[int, int]) -> str:
+        """Why entries are missing: XINFO STREAM's first entry past our last id means they
+        were trimmed (MAXLEN) or lost with Redis before we read them."""
+        self._trimmed = False
+        with contextlib.suppress(ShmcastError):
+            self._check_info(self._xinfo(), after)
+        if self._trimmed:
+            return "trimmed before it was read (or lost with Redis)"
+        return "missing in the stream (lost at the origin or with Redis)"
+
+    def _check_info(self, info: dict[bytes, Any] | None,
+                    after: tuple[int, int] | None = None) -> None:
         st = self._st
         if info is None:
             self.stats.lag_ms = 0
@@ -665,7 +702,9 @@ class Bridge:
         newest = _parse_id(info[b"last-generated-id"])
         self.stats.lag_ms = max(0, newest[0] - st.last_in[0]) if newest > st.last_in else 0
         first = info.get(b"first-entry")
-        if first and st.last_in != (0, 0) and _parse_id(first[0]) > st.last_in:
+        if after is None:
+            return
+        if first and after != (0, 0) and _parse_id(first[0]) > after:
             # Entries after our last id are gone: trimmed (MAXLEN) or lost with Redis. The
             # next entries of each origin show how many (their seq jumps).
             self._trimmed = True
@@ -754,8 +793,7 @@ class Bridge:
 
     def _deliver(self, entries: list[Any]) -> None:
         st = self._st
-        trimmed, self._trimmed = self._trimmed, False
-        why = "trimmed or lost in the stream" if trimmed else "missing in the stream"
+        after = st.last_in
         parsed: list[tuple[tuple[int, int], dict[bytes, bytes] | None, str]] = []
         for raw_id, flat in entries:
             fields = {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
@@ -772,8 +810,10 @@ class Bridge:
             jump = seq - self._last_seq(origin, epoch, seq, marker) - (0 if marker else 1)
             first[origin] = (epoch, seq - (0 if marker else 1), jump)
         jumps = {o: v for o, v in first.items() if v[2] > 0}
+        why = "missing in the stream (lost at the origin or with Redis)"
         if jumps:
-            self._gap(jumps, why, after=st.last_in, before=parsed[0][0])
+            why = self._trim_reason(after)
+            self._gap(jumps, why, after=after, before=parsed[0][0])
         for ident, f, origin in parsed:
             if f is None:
                 st.last_in = ident

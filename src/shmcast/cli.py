@@ -521,9 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--host-id", metavar="ID", help="this host's id (default: the hostname)")
     br.add_argument("--maxlen", type=_positive_int, default=100_000, metavar="N",
                     help="XADD MAXLEN ~ N (default 100000)")
-    br.add_argument("--block-ms", type=_positive_int, default=5, metavar="MS",
-                    help="XREAD BLOCK time; with both directions, the longest a local event "
-                         "waits to be sent (default 5)")
+    br.add_argument("--block-ms", type=_positive_int, default=10, metavar="MS",
+                    help="with --direction both, the longest pause between two reads of a "
+                         "quiet stream (default 10); with in, the XREAD BLOCK time (500 at least)")
     br.add_argument("--start", choices=("end", "begin"), default="end",
                     help="where a bridge without saved state starts reading (default end)")
     br.add_argument("--state-dir", metavar="DIR",
