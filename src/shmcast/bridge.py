@@ -371,6 +371,11 @@ class Bridge:
         from ._names import check_name
 
         check_name(name)
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "shmcast.bridge needs redis-py: pip install 'shmcast[redis]'") from None
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
         host = host_id if host_id is not None else socket.gethostname().split(".")[0]

@@ -402,9 +402,13 @@ def _bridge(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.redis:
         raise ValueError("--redis URL is required (or --status)")
-    br = _br.Bridge(args.name, args.redis, stream=args.stream, direction=args.direction,
-                    host_id=args.host_id, maxlen=args.maxlen, block_ms=args.block_ms,
-                    start=args.start, state_dir=args.state_dir)
+    try:
+        br = _br.Bridge(args.name, args.redis, stream=args.stream, direction=args.direction,
+                        host_id=args.host_id, maxlen=args.maxlen, block_ms=args.block_ms,
+                        start=args.start, state_dir=args.state_dir)
+    except ImportError as e:
+        print(f"shmcast bridge: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
     def on_signal(signum: int, frame: object) -> None:
         br.request_stop()
