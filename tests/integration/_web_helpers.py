@@ -689,9 +689,11 @@ def scenario_quiet_bus(example: str, bus: str, tmp_path: Path) -> None:
 
 
 def read_stream(url: str, *, last_event_id: int | None = None, until=lambda events: True,
-                timeout: float = 10.0) -> tuple[int, list[SSEEvent], list[str]]:
+                timeout: float = 10.0, not_from: int | None = None,
+                ) -> tuple[int, list[SSEEvent], list[str]]:
     """One /events connection, read until ``until(events)`` holds: (worker pid, events,
-    comments). *last_event_id* is sent as ``Last-Event-ID``."""
+    comments). *last_event_id* is sent as ``Last-Event-ID``. If worker *not_from*
+    answers, nothing is read."""
     import httpx
 
     headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
@@ -703,6 +705,8 @@ def read_stream(url: str, *, last_event_id: int | None = None, until=lambda even
                       timeout=httpx.Timeout(5.0, read=3.0)) as response:
         assert response.status_code == 200, response.status_code
         pid = int(response.headers["x-shmcast-worker"])
+        if pid == not_from:
+            return pid, events, comments
         for line in response.iter_lines():
             parser.feed(line, 0, events.append, comments.append)
             if line == "" and until(events):
@@ -716,7 +720,9 @@ def scenario_resume_on_another_worker(example: str, bus: str, tmp_path: Path) ->
     events it missed, then the live ones; one that missed more than the workers keep
     gets a counted gap, then a fresh snapshot; an id this bus never gave waits for
     the next snapshot."""
-    env = {"SHMCAST_HEARTBEAT": "0.05", "SHMCAST_HISTORY": "40", "SHMCAST_KEYFRAME": "1.0"}
+    history = 200  # 4 s of events at 50 per second
+    env = {"SHMCAST_HEARTBEAT": "0.02", "SHMCAST_HISTORY": str(history),
+           "SHMCAST_KEYFRAME": "1.0"}
     with Gunicorn(example, bus, tmp_path, env=env) as server:
         witness = SSEClient(server.url, reconnect=False)
         witness.start()
@@ -730,7 +736,8 @@ def scenario_resume_on_another_worker(example: str, bus: str, tmp_path: Path) ->
             # 2. Back, to another worker: exactly what it missed, then live events.
             for _ in range(100):
                 other, resumed, comments = read_stream(
-                    server.url, last_event_id=last, until=lambda ev: len(ev) >= 30)
+                    server.url, last_event_id=last, until=lambda ev: len(ev) >= 30,
+                    not_from=pid)
                 if other != pid:
                     break
             else:
@@ -738,8 +745,9 @@ def scenario_resume_on_another_worker(example: str, bus: str, tmp_path: Path) ->
             assert resumed[0].id == last + 1, (last, resumed[:2])
             assert [e.id for e in resumed] == list(range(last + 1, last + 31))
             assert not any(c.startswith("dropped") for c in comments), comments
-            # 3. Back after missing more than the 40 events each worker keeps.
-            witness.wait_events(1, timeout=20, where=lambda e, m=resumed[-1].id: e.id >= m + 60)
+            # 3. Back after missing more than the events each worker keeps.
+            witness.wait_events(1, timeout=20,
+                                where=lambda e, m=resumed[-1].id: e.id >= m + history + 50)
             old = resumed[-1].id
             _, healed, comments = read_stream(
                 server.url, last_event_id=old, until=lambda ev: len(ev) >= 5)
