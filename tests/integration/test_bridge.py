@@ -553,3 +553,93 @@ def _start_ns_redis(server: RedisServer, net: Netns) -> None:
         return r.stdout.strip() == "PONG"
 
     _wait(up, 10, "redis-server in its namespace", 0.1)
+
+
+def test_bridge_ring_overflow_is_counted(hosts: Callable[[int], list[Host]],
+                                         redis_server: RedisServer) -> None:
+    """A stopped bridge's own subscription overflows: the local events it lost are counted
+    (its events from the other host, lost in the same ring, are told apart and not)."""
+    h1, h2 = hosts(2)
+    for h in (h1, h2):
+        h.start_bridge(redis_server.url, "s")
+    for h in (h1, h2):
+        h.wait_bridge()
+    h1.publish(5)
+    h2.publish(5)
+    _wait(lambda: _accounted([h1, h2]), 20, "the first events")
+    assert h1.proc is not None
+    os.kill(h1.proc.pid, signal.SIGSTOP)
+    try:
+        for _ in range(30):
+            h1.publish(50)  # 1500 in a ring of 1024
+            time.sleep(0.01)
+    finally:
+        os.kill(h1.proc.pid, signal.SIGCONT)
+    for _ in range(20):  # traffic both ways again: h1's bridge sees its own events come back
+        h1.publish()
+        h2.publish()
+        time.sleep(0.01)
+    settle([h1, h2])
+    counted = check_exact([h1, h2])
+    assert counted["h1->h2"] >= 1500 - 1024, counted
+    assert counted["h2->h1"] == 0, counted
+    _wait(lambda: h1.status().get("out_lost") == counted["h1->h2"], 5, "out_lost in h1's status")
+
+
+def test_cli_status_and_stat(hosts: Callable[[int], list[Host]], redis_server: RedisServer,
+                             tmp_path: Path) -> None:
+    """``shmcast bridge NAME --status`` and ``shmcast stat NAME`` show the bridge's counters."""
+    (h1,) = hosts(1)
+    h1.start_bridge(redis_server.url, "s")
+    h1.wait_bridge()
+    h1.publish(7)
+    _wait(lambda: h1.status().get("events_out") == 7, 10, "the 7 events out")
+    env = dict(os.environ, SHMCAST_RUN_DIR=str(h1.state_dir))
+    status = subprocess.run([sys.executable, "-m", "shmcast", "bridge", h1.name, "--status",
+                             "--json"], capture_output=True, text=True, env=env, timeout=30,
+                            check=True)
+    (one,) = json.loads(status.stdout)
+    assert one["running"] is True
+    assert (one["host"], one["events_out"], one["connected"]) == ("h1", 7, True)
+    stat = subprocess.run([sys.executable, "-m", "shmcast", "stat", h1.name],
+                          capture_output=True, text=True, env=env, timeout=30, check=True)
+    assert "bridge h1 <-> s (both" in stat.stdout, stat.stdout
+    assert "out 7," in stat.stdout, stat.stdout
+    h1.stop_bridge()
+    after = subprocess.run([sys.executable, "-m", "shmcast", "bridge", h1.name, "--status"],
+                           capture_output=True, text=True, env=env, timeout=30, check=True)
+    assert "not running" in after.stdout, after.stdout
+
+
+def test_state_file_survives_a_torn_write(tmp_path: Path) -> None:
+    """A kill in the middle of a state write leaves the previous copy, whole."""
+    from shmcast import bridge as br
+
+    path = tmp_path / "s.state"
+    st = br._State(path)
+    st.last_in = (5, 1)
+    st.set_origin("h2", 7, 41)
+    st.out_seq = 9
+    st.save()
+    st.last_in = (6, 0)
+    st.set_origin("h2", 7, 42)
+    st.save()
+    # The last write was cut short: its copy's generation is still zero.
+    st.q[br._COPY_OFF[st.gen % 2] // 8] = 0
+    st.close()
+    again = br._State(path)
+    try:
+        assert again.last_in == (5, 1)
+        assert again.origins == {"h2": (7, 41)}
+        assert again.out_seq == 9
+        # It goes on from there, and its next write is the one read back.
+        again.last_in = (6, 3)
+        again.save()
+    finally:
+        again.close()
+    third = br._State(path)
+    try:
+        assert third.last_in == (6, 3)
+        assert third.origins == {"h2": (7, 41)}
+    finally:
+        third.close()
