@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import multiprocessing
 import os
 import pickle
@@ -599,6 +600,82 @@ def test_publisher_in_another_process(bus_name: str, method: str) -> None:
         assert versions(got) == list(range(1, count + 1))
         assert [e.payload for e in got] == list(range(count))
         assert reason == "bus closed"
+
+
+def _role_hub_reader(name: str, count: int, out: object) -> None:
+    """A process with one Hub and three feeds (one read by a task): what each received."""
+    with Hub(name, buffer=count) as hub:
+        feeds = [hub.subscribe() for _ in range(3)]
+        threads = threading.active_count()
+        out.put("ready")  # type: ignore[attr-defined]
+
+        async def read_async(f: Feed) -> list[int]:
+            return [e.version async for e in f]
+
+        got = [[e.version for e in feeds[0]], [e.version for e in feeds[1]],
+               asyncio.run(read_async(feeds[2]))]
+        out.put((got, [f.dropped for f in feeds], threads))  # type: ignore[attr-defined]
+
+
+HUB_READER = textwrap.dedent("""
+    import asyncio, json, sys, threading, shmcast
+    name, count = sys.argv[1], int(sys.argv[2])
+    with shmcast.Hub(name, buffer=count) as hub:
+        feeds = [hub.subscribe() for _ in range(3)]
+        threads = threading.active_count()
+        print("ready", flush=True)
+        async def read_async(f):
+            return [e.version async for e in f]
+        got = [[e.version for e in feeds[0]], [e.version for e in feeds[1]],
+               asyncio.run(read_async(feeds[2]))]
+        print(json.dumps([got, [f.dropped for f in feeds], threads]), flush=True)
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "python-c"])
+def test_a_hub_in_another_process(bus_name: str, method: str) -> None:
+    count = 300
+    with Bus(bus_name, slots=512) as bus:
+        if method == "python-c":
+            proc = subprocess.Popen([sys.executable, "-c", HUB_READER, bus_name, str(count)],
+                                    stdout=subprocess.PIPE, text=True)
+            try:
+                assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+                for i in range(count):
+                    bus.publish("n", i)
+                bus.close()
+                got, dropped, threads = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+                assert proc.wait(10) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(10)
+                proc.stdout.close()  # type: ignore[union-attr]
+        else:
+            ctx = multiprocessing.get_context(method)
+            out = ctx.Queue()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
+                proc = ctx.Process(target=_role_hub_reader, args=(bus_name, count, out))
+                proc.start()
+            try:
+                assert out.get(timeout=30) == "ready"
+                for i in range(count):
+                    bus.publish("n", i)
+                bus.close()
+                got, dropped, threads = out.get(timeout=30)
+                proc.join(20)
+                assert proc.exitcode == 0
+            finally:
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(10)
+                out.close()
+                out.join_thread()
+    for versions_, d in zip(got, dropped, strict=True):
+        assert versions_ == list(range(1, count + 1))
+        assert d == 0
+    assert threads == 2  # the main thread and the hub's reader, however many feeds
 
 
 # --- threads, tasks, signals ------------------------------------------------------------------
