@@ -402,7 +402,10 @@ class _HubCore:
         self.closing = True
         self.sub.unsubscribe()
         thread = self.thread
-        if thread is not threading.current_thread() and thread.is_alive():
+        # Not from the reader thread, nor while this thread holds the lock (a signal
+        # handler that interrupted it): the reader needs the lock to end the feeds.
+        if thread is not threading.current_thread() and thread.is_alive() \
+                and not self.lock._is_owned():  # type: ignore[attr-defined]
             thread.join(_CLOSE_JOIN)
 
 

@@ -774,6 +774,36 @@ def test_close_from_a_signal_handler_while_the_thread_waits(bus_name: str) -> No
             assert f.get(timeout=5).type == "n"
 
 
+def test_close_from_a_signal_handler_that_interrupted_a_holder_of_the_lock(
+        bus_name: str) -> None:
+    with Bus(bus_name) as bus:
+        hub = Hub(bus_name)
+        feed = hub.subscribe()
+        other = hub.subscribe()
+        took: list[float] = []
+
+        def handler(signum: int, frame: object) -> None:
+            t0 = time.monotonic()
+            other.close()
+            hub.close()
+            took.append(time.monotonic() - t0)
+
+        old = signal.signal(signal.SIGUSR1, handler)
+        try:
+            with held(hub):  # this thread is inside the hub when the signal comes
+                signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+                time.sleep(0.01)
+            assert took, "the handler did not run"
+            assert took[0] < 0.1
+            t0 = time.monotonic()
+            with pytest.raises(StreamClosed):
+                feed.get(timeout=5)
+            assert time.monotonic() - t0 < 0.5
+            assert bus.subscriber_count == 0
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+
+
 def test_a_closed_feed_wakes_its_waiters_within_100_ms_and_gets_what_was_published(
         bus_name: str) -> None:
     with Bus(bus_name) as bus, Hub(bus_name) as hub:
