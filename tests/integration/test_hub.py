@@ -830,6 +830,45 @@ def test_a_closed_feed_wakes_its_waiters_within_100_ms_and_gets_what_was_publish
                        feed.dropped, 0, 5)
 
 
+def test_a_feed_closed_while_the_hub_lags_gets_the_events_published_before(
+        bus_name: str) -> None:
+    with Bus(bus_name) as bus, Hub(bus_name) as hub:
+        # The hub catches up within the grace: the events come, then the end.
+        feed = hub.subscribe()
+        with held(hub):
+            for i in range(3):
+                bus.publish("n", i)
+            feed.close()
+            assert hub.subscriber_count == 0  # closed at once, though still draining
+        got, reason = drain(feed)
+        assert (versions(got), feed.dropped, reason) == ([1, 2, 3], 0, "unsubscribed")
+        # It does not: a reader waiting on the feed ends within 100 ms, and the events
+        # that could not come are counted as dropped (sync and async).
+        for how in ("thread", "task"):
+            feed = hub.subscribe()
+            start = bus.version
+            ends: list[float] = []
+            with held(hub):
+                for i in range(3):
+                    bus.publish("n", i)
+                feed.close()
+                t0 = time.monotonic()
+                if how == "thread":
+                    with pytest.raises(StreamClosed):
+                        feed.get(timeout=5)
+                else:
+                    async def wait(f: Feed = feed) -> None:
+                        async for _ in f:
+                            raise AssertionError("an event came through a held hub")
+
+                    asyncio.run(wait())
+                ends.append(time.monotonic() - t0)
+            assert ends[0] < 0.1 + 0.05, ends  # the grace, and some room
+            assert feed.dropped == 3
+            check_counting([], feed.dropped, start, bus.version)
+        assert hub.dropped == 6
+
+
 def test_cancelling_a_waiting_task_is_prompt_and_loses_no_event(bus_name: str) -> None:
     with Bus(bus_name) as bus, Hub(bus_name, buffer=10_000) as hub:
         feed = hub.subscribe()
