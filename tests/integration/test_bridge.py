@@ -643,3 +643,54 @@ def test_state_file_survives_a_torn_write(tmp_path: Path) -> None:
         assert third.origins == {"h2": (7, 41)}
     finally:
         third.close()
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", [13, 14, 15])
+def test_chaos_many_kills(hosts: Callable[[int], list[Host]], redis_server: RedisServer,
+                          seed: int) -> None:
+    """Under -m stress: 20 s of three hosts publishing while bridges are SIGKILLed at random
+    and Redis is killed and restarted twice; the same exact accounting afterwards."""
+    import random
+
+    rng = random.Random(seed)
+    hs = hosts(3)
+    for h in hs:
+        h.start_bridge(redis_server.url, "s")
+    for h in hs:
+        h.wait_bridge()
+    dead: dict[int, float] = {}
+    plan = {"next_kill": 0.5, "redis": [6.0, 13.0], "redis_down": None}
+
+    def chaos(t: float) -> None:
+        for i, at in list(dead.items()):
+            if t > at:
+                hs[i].start_bridge(redis_server.url, "s")
+                del dead[i]
+        if t > plan["next_kill"] and t < 18:
+            i = rng.randrange(3)
+            if hs[i].proc is not None and i not in dead:
+                hs[i].kill_bridge()
+                dead[i] = t + rng.uniform(0.05, 0.6)
+            plan["next_kill"] = t + rng.uniform(0.3, 1.2)
+        if plan["redis"] and t > plan["redis"][0]:
+            plan["redis"].pop(0)
+            redis_server.kill()
+            plan["redis_down"] = t + rng.uniform(0.1, 1.0)
+        if plan["redis_down"] is not None and t > plan["redis_down"]:
+            redis_server.start()
+            plan["redis_down"] = None
+
+    publish_for(hs, 20.0, 200, chaos)
+    if plan["redis_down"] is not None:
+        redis_server.start()
+    for i in list(dead):
+        hs[i].start_bridge(redis_server.url, "s")
+    for h in hs:
+        h.wait_bridge(40)
+    for h in hs:  # one more each: a host's losses at its origin are counted on its next event
+        h.publish()
+    settle(hs, timeout=60)
+    counted = check_exact(hs)
+    print("gaps per origin->host after the chaos:", counted)
