@@ -590,7 +590,8 @@ class Bridge:
         cls = kwargs.pop("connection_class", redis.Connection)
         conn = cls(**kwargs, socket_timeout=self.block_ms / 1000 + 2.0,
                    socket_connect_timeout=self.connect_timeout, socket_keepalive=True,
-                   client_name=f"shmcast-bridge:{self.host}")
+                   client_name=f"shmcast-bridge:{self.host}",
+                   protocol=2)  # the replies parsed below are RESP2's, whatever the default
         conn.connect()
         self._conn = conn
         if self._connected_once:
