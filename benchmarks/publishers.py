@@ -36,6 +36,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -364,6 +365,11 @@ def run(quick: bool, repeat: int = 1, max_load: float | None = None,
                         out = cell(owners[kind], ctx, subscribers=subscribers, **params)
                         out["load"] = load
                         runs[kind][name].append(out)
+                        print(f"{kind:8} {name:14} load {load:5.2f}  "
+                              f"{out['delivered_per_s']:>8,}/s  given {out['given']:>8,}  "
+                              f"pub dropped {out['pub_dropped']:>7,}  sub dropped "
+                              f"{out['sub_dropped']:>7,}  p50 {out.get('p50_us', '-')} µs  "
+                              f"p99 {out.get('p99_us', '-')} µs", file=sys.stderr, flush=True)
         finally:
             for owner in owners.values():
                 owner.close()
@@ -420,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-load-wait", type=float, default=120.0,
                         help="...for at most this many seconds (default 120)")
     args = parser.parse_args(argv)
+    # Killed with SIGTERM, still close the bus and reap the children (finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = run(args.quick, args.repeat, args.max_load, args.max_load_wait)
     print(table(results))
     if args.out:

@@ -749,3 +749,23 @@ def test_ls_and_stat_show_publishers(bus_name: str) -> None:
             for f in (child.stdin, child.stdout):
                 with contextlib.suppress(Exception):
                     f.close()  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_runs(tmp_path: Path) -> None:
+    """``python -m benchmarks.publishers --quick`` runs and fills every cell (numbers unchecked)."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "publishers.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.publishers", "--quick", "--out",
+                           str(out)], cwd=root, capture_output=True, text=True, timeout=280,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    shm = results["peers"]["shmcast"]
+    assert shm["latency_2000"]["samples"] > 0
+    assert [c["publishers"] for c in shm["throughput"]] == [1, 4]
+    assert all(c["delivered_per_s"] > 0 for c in shm["throughput"])
+    assert "| shmcast |" in proc.stdout
