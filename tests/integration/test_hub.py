@@ -863,7 +863,7 @@ def test_a_feed_closed_while_the_hub_lags_gets_the_events_published_before(
 
                     asyncio.run(wait())
                 ends.append(time.monotonic() - t0)
-            assert ends[0] < 0.1 + 0.05, ends  # the grace, and some room
+            assert ends[0] < 0.25, ends  # the 50 ms grace, and room for a loaded machine
             assert feed.dropped == 3
             check_counting([], feed.dropped, start, bus.version)
         assert hub.dropped == 6
