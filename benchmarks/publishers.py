@@ -378,7 +378,9 @@ def run(quick: bool, repeat: int = 1, max_load: float | None = None,
         merged = dict(samples[0])
         for key, value in samples[0].items():
             if isinstance(value, (int, float)) and key not in ("publishers", "subscribers"):
-                merged[key] = statistics.median(s[key] for s in samples if key in s)
+                mid = statistics.median(s[key] for s in samples if key in s)
+                merged[key] = round(mid, 1) if key.endswith("_us") or key == "load" else \
+                    round(mid)
         merged["runs"] = samples
         return merged
 
