@@ -268,6 +268,16 @@ def test_places_and_refusals(bus_name: str) -> None:
         Publisher("bad name")
 
 
+def test_another_users_bus_is_refused_before_anything_is_taken(bus_name: str) -> None:
+    with Bus(bus_name, max_publishers=1) as bus:
+        other = os.geteuid() + 1
+        with pytest.raises(shmcast.BusPermissionError, match=f"not {other}"):
+            Publisher(bus_name, owner=other)
+        assert bus.publisher_count == 0
+        with Publisher(bus_name, owner=os.geteuid()):
+            assert bus.publisher_count == 1
+
+
 def test_bus_objects_follow_the_naming_rule_and_go_at_close(bus_name: str) -> None:
     with Bus(bus_name, max_publishers=3, mode=0o640), Publisher(bus_name), subscribe(bus_name):
         names = entries(bus_name)
