@@ -2,9 +2,10 @@
 
 The bus creates one inbox ring per publisher place. A ``Publisher`` takes a
 place by its OFD lock, encodes each event once, in its own process, and
-writes it into the inbox as the bus writes a subscriber's ring (a seqlock,
-single writer: the place lock makes it so), then posts the bus's drain
-semaphore if its value is 0. The bus owner's drain thread publishes the
+writes it into the inbox with the ring writer the bus uses for a subscriber's
+ring (a seqlock, single writer: the place lock makes it so; ``resume``: it
+goes on from the counters the place's last holder left), which then posts the
+bus's drain semaphore if its value is 0. The bus owner's drain thread publishes the
 inboxes' events in its own publish path, which gives them their versions. A
 full inbox rejects the event, counted in ``dropped``: nothing on this path
 waits for another process. See docs/design.md, "Publishers".
@@ -34,15 +35,11 @@ from ._layout import (
     I_STATE,
     Q_END,
     Q_R,
-    Q_REJECTED,
-    Q_W,
-    RING_HEADER_SIZE,
     STATE_CLOSED,
     check_ring_header,
     control_size,
     parse_control_header,
     ring_size,
-    slot_stride,
 )
 from ._names import (
     MAX_PUBLISHERS,
@@ -55,7 +52,7 @@ from ._names import (
     inbox_name,
     touch,
 )
-from ._ring import frame
+from ._ring import RingWriter, frame
 
 # publish() asks the kernel whether the bus owner still holds the bus at most
 # this often (one fcntl call); the contract wants its death noticed within 2 s.
@@ -63,56 +60,6 @@ OWNER_CHECK_PERIOD = 0.5
 
 _monotonic = time.monotonic
 _time = time.time
-
-
-class _InboxWriter:
-    """Our end of our place's inbox: ``RingWriter``'s seqlock write under ``drop_new``.
-
-    Unlike a subscriber's ring, an inbox outlives its writers, so this one goes
-    on from the ``w`` and ``rejected`` the place's last holder left (it is gone:
-    we hold the place's lock). It then posts the drain semaphore if its value
-    is 0 (see docs/design.md, "Waking"). Pure Python, like ``_ring``'s
-    writer: x86-64's store order is what keeps a reader from a torn event.
-    """
-
-    __slots__ = ("buf", "q", "rejected", "sem", "slots", "stride", "w")
-
-    def __init__(self, buf: memoryview, slots: int, slot_size: int,
-                 sem: posix_ipc.Semaphore) -> None:
-        self.buf = buf
-        self.q = q = buf.cast("Q")
-        self.slots = slots
-        self.stride = slot_stride(slot_size)
-        self.sem = sem
-        self.w = int(q[Q_W])
-        self.rejected = int(q[Q_REJECTED])
-
-    def write(self, head: bytes, tail: bytes) -> bool:
-        """Put one framed event in the inbox; False if it was full (counted in rejected)."""
-        q = self.q
-        i = self.w
-        if i - q[Q_R] >= self.slots:
-            self.rejected += 1
-            q[Q_REJECTED] = self.rejected
-            return False
-        off = RING_HEADER_SIZE + (i % self.slots) * self.stride
-        seq = off >> 3
-        q[seq] = 2 * i + 1
-        p = off + 8
-        n = len(head)
-        self.buf[p : p + n] = head
-        if tail:
-            self.buf[p + n : p + n + len(tail)] = tail
-        q[seq] = 2 * i + 2
-        self.w = i = i + 1
-        q[Q_W] = i
-        sem = self.sem
-        if sem.value == 0:  # a drain asleep, or about to be
-            sem.release()
-        return True
-
-    def release(self) -> None:
-        self.q.release()
 
 
 class _Sender:
@@ -143,7 +90,8 @@ class _Sender:
         self.types: dict[str, bytes] = {}
         self.views: _registry.Views | None = None
         self.inbox: _ipc.Segment | None = None
-        self.writer: _InboxWriter | None = None
+        self.writer: RingWriter | None = None
+        self.inbox_q: memoryview | None = None  # for r and the end mark, which the owner writes
         self.sem: posix_ipc.Semaphore | None = None
         self.place: int | None = None
         self.max_subscribers = 0
@@ -215,9 +163,12 @@ class _Sender:
             # it closes: either way, no bus to publish on.
             raise BusNotFoundError(
                 f"bus {self.name!r} is closed or still being created") from None
-        self.writer = writer = _InboxWriter(self.inbox.buf, g.slots, g.slot_size, self.sem)
+        # drop_new: a full inbox rejects the event, counted, and nothing waits.
+        self.writer = writer = RingWriter(self.inbox.buf, g.slots, g.slot_size, False, self.sem,
+                                          resume=True)
+        self.inbox_q = inbox_q = self.inbox.buf.cast("Q")
         self.w0, self.rejected0 = writer.w, writer.rejected
-        if writer.q[Q_END]:
+        if inbox_q[Q_END]:
             raise BusNotFoundError(f"bus {self.name!r} is closed")
         _registry.activate_publisher(views, g.max_subscribers, self.place, self.w0,
                                      self.rejected0)
@@ -237,9 +188,10 @@ class _Sender:
             if self.closed or self.forked or self.ended:
                 self._raise_unusable()
             writer = self.writer
-            if writer is None:
+            inbox_q = self.inbox_q
+            if writer is None or inbox_q is None:
                 self._raise_unusable()
-            if self.ctrl_i[I_STATE] == STATE_CLOSED or writer.q[Q_END]:
+            if self.ctrl_i[I_STATE] == STATE_CLOSED or inbox_q[Q_END]:
                 self._end("the bus was closed")
             now = _monotonic()
             if now >= self.next_check:
@@ -288,11 +240,12 @@ class _Sender:
     def dropped(self) -> int:
         """Events we could not hand over, plus, once the bus drains no more, those it left."""
         writer = self.writer
-        if writer is None or self.inbox is None or self.inbox.closed:
+        inbox_q = self.inbox_q
+        if writer is None or inbox_q is None or self.inbox is None or self.inbox.closed:
             return self.final_dropped
         mine = writer.rejected - self.rejected0
-        if self.owner_dead or writer.q[Q_END]:
-            mine += max(0, writer.w - max(int(writer.q[Q_R]), self.w0))
+        if self.owner_dead or inbox_q[Q_END]:
+            mine += max(0, writer.w - max(int(inbox_q[Q_R]), self.w0))
         return mine
 
     # Ending.
@@ -331,6 +284,8 @@ class _Sender:
             self.final_dropped = self.dropped()
             if self.writer is not None:
                 self.writer.release()
+            if self.inbox_q is not None:
+                self.inbox_q.release()
             self.inbox.close()
 
     def finalize(self) -> None:
@@ -378,8 +333,7 @@ class Publisher:
         check_name(name)
         if owner is not None:
             check_int("owner", owner, 0, 2**32 - 1)
-        # _InboxWriter is pure Python whichever core runs: only x86-64 orders it.
-        _ipc.check_memory_model(native=False)
+        _ipc.check_memory_model()
         touch(name)
         self.name = name
         self._s = _Sender(name, codec, owner)
