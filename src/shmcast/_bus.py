@@ -50,11 +50,11 @@ from ._names import (
     MAX_SLOT_SIZE,
     MAX_SLOTS,
     MAX_SUBSCRIBERS,
-    MAX_TYPE_BYTES,
     check_int,
     check_name,
     control_name,
     drain_name,
+    encode_type,
     inbox_name,
     ring_name,
     touch,
@@ -338,11 +338,7 @@ class _Publisher:
         return version
 
     def _type_bytes(self, type_: str) -> bytes:
-        if not isinstance(type_, str):
-            raise TypeError(f"event type must be a str, not {type(type_).__name__}")
-        tb = type_.encode()
-        if len(tb) > MAX_TYPE_BYTES:
-            raise ValueError(f"event type is {len(tb)} bytes in UTF-8; at most {MAX_TYPE_BYTES}")
+        tb = encode_type(type_)
         if len(self.types) < 1024:
             self.types[type_] = tb
         return tb

@@ -53,6 +53,20 @@ def check_int(what: str, value: object, low: int, high: int) -> int:
     return value
 
 
+def encode_type(type_: object) -> bytes:
+    """An event type as the bytes a slot holds.
+
+    :raises TypeError: if it is not a str.
+    :raises ValueError: if it is longer than 255 bytes in UTF-8.
+    """
+    if not isinstance(type_, str):
+        raise TypeError(f"event type must be a str, not {type(type_).__name__}")
+    tb = type_.encode()
+    if len(tb) > MAX_TYPE_BYTES:
+        raise ValueError(f"event type is {len(tb)} bytes in UTF-8; at most {MAX_TYPE_BYTES}")
+    return tb
+
+
 def control_name(name: str) -> str:
     """The POSIX name of a bus's control segment: ``/dev/shm/shmcast.NAME``."""
     return f"/{PREFIX}{name}"
@@ -78,6 +92,7 @@ def drain_name(name: str, nonce: int) -> str:
 
 
 __all__ = [
+    "encode_type",
     "MAX_CODEC_NAME",
     "MAX_PUBLISHERS",
     "MAX_RING_BYTES",

@@ -26,7 +26,6 @@ from . import _ipc, _registry
 from ._codecs import Codec, for_publisher
 from ._errors import (
     BusNotFoundError,
-    BusPermissionError,
     EventTooLargeError,
     ShmcastError,
     TooManyPublishersError,
@@ -38,17 +37,16 @@ from ._layout import (
     STATE_CLOSED,
     check_ring_header,
     control_size,
-    parse_control_header,
     ring_size,
 )
 from ._names import (
     MAX_PUBLISHERS,
     MAX_SUBSCRIBERS,
-    MAX_TYPE_BYTES,
     check_int,
     check_name,
     control_name,
     drain_name,
+    encode_type,
     inbox_name,
     touch,
 )
@@ -117,22 +115,8 @@ class _Sender:
 
     def _attach(self, codec: object, owner: int | None) -> None:
         ctrl = self.ctrl
-        # Before reading a byte of it: a segment another user made could say anything.
-        want = os.geteuid() if owner is None else owner
-        got = ctrl.owner()
-        if got != want:
-            raise BusPermissionError(
-                f"bus {self.name!r} belongs to uid {got}, not {want}: pass owner={got} to "
-                "Publisher only if you trust that user"
-            )
-        g = parse_control_header(ctrl.buf, ctrl.size)
+        g = _registry.check_attachable(ctrl, self.name, owner, "Publisher")
         self.parsed = True
-        if g.state == STATE_CLOSED:
-            raise BusNotFoundError(f"bus {self.name!r} is closed")
-        if not _registry.publisher_alive(ctrl):
-            raise BusNotFoundError(
-                f"bus {self.name!r} is dead: its owner (pid {g.pid}) exited without closing it"
-            )
         if g.max_publishers == 0:
             raise TooManyPublishersError(
                 f"bus {self.name!r} allows no publishers: its owner must create it with "
@@ -211,11 +195,7 @@ class _Sender:
                 self._release()
 
     def _type_bytes(self, type_: str) -> bytes:
-        if not isinstance(type_, str):
-            raise TypeError(f"event type must be a str, not {type(type_).__name__}")
-        tb = type_.encode()
-        if len(tb) > MAX_TYPE_BYTES:
-            raise ValueError(f"event type is {len(tb)} bytes in UTF-8; at most {MAX_TYPE_BYTES}")
+        tb = encode_type(type_)
         if len(self.types) < 1024:
             self.types[type_] = tb
         return tb

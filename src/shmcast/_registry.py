@@ -19,13 +19,14 @@ drains every inbox whoever holds its place.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
 from . import _ipc
-from ._errors import ShmcastError
+from ._errors import BusNotFoundError, BusPermissionError, ShmcastError
 from ._layout import (
     ENTRY_ACTIVE,
     ENTRY_JOINING,
@@ -41,6 +42,7 @@ from ._layout import (
     SERVED_OFF,
     STATE_CLOSED,
     Entry,
+    Geometry,
     entry_i,
     entry_q,
     parse_control_header,
@@ -274,6 +276,35 @@ def unlink_publisher_objects(bus: str, nonce: int, max_publishers: int) -> None:
         _ipc.unlink_semaphore(drain_name(bus, nonce))
 
 
+def check_attachable(seg: _ipc.Segment, bus: str, owner: int | None, what: str) -> Geometry:
+    """The geometry of a live bus a subscriber or publisher may attach to.
+
+    The owner is checked before a byte of the segment is read: a segment
+    another user made under the name could say anything.
+
+    :param what: who attaches (``"subscribe"``, ``"Publisher"``), for the message.
+    :raises BusPermissionError: if the segment belongs to another uid than *owner*
+        (the caller's effective uid by default).
+    :raises BusNotFoundError: if the bus is being created, closed or dead.
+    :raises ShmcastError: if it is not a shmcast bus of this layout.
+    """
+    want = os.geteuid() if owner is None else owner
+    got = seg.owner()
+    if got != want:
+        raise BusPermissionError(
+            f"bus {bus!r} belongs to uid {got}, not {want}: pass owner={got} to "
+            f"{what} only if you trust that user"
+        )
+    geometry = parse_control_header(seg.buf, seg.size)
+    if geometry.state == STATE_CLOSED:
+        raise BusNotFoundError(f"bus {bus!r} is closed")
+    if not publisher_alive(seg):
+        raise BusNotFoundError(
+            f"bus {bus!r} is dead: its owner (pid {geometry.pid}) exited without closing it"
+        )
+    return geometry
+
+
 def publisher_alive(seg: _ipc.Segment) -> bool:
     """Whether the publisher still holds the bus."""
     return _ipc.is_locked(seg.fd, _ipc.PUBLISHER_LOCK)
@@ -311,6 +342,7 @@ def reclaim_dead_bus(seg: _ipc.Segment, bus: str) -> bool:
 
 
 __all__ = [
+    "check_attachable",
     "REGISTRY_TIMEOUT",
     "Place",
     "Service",

@@ -16,7 +16,6 @@ from . import _ipc, _registry
 from ._codecs import Codec, for_subscriber
 from ._errors import (
     BusNotFoundError,
-    BusPermissionError,
     DecodeError,
     Reason,
     ShmcastError,
@@ -33,7 +32,6 @@ from ._layout import (
     STATE_CLOSED,
     control_size,
     pack_ring_header,
-    parse_control_header,
     ring_size,
 )
 from ._names import (
@@ -127,23 +125,8 @@ class _Reader:
 
     def _attach(self, slots: int | None, codec: object, owner: int | None) -> None:
         ctrl = self.ctrl
-        # Before reading a byte of it: a segment another user made could say anything.
-        want = os.geteuid() if owner is None else owner
-        got = ctrl.owner()
-        if got != want:
-            raise BusPermissionError(
-                f"bus {self.name!r} belongs to uid {got}, not {want}: pass owner={got} to "
-                "subscribe only if you trust that user"
-            )
-        geometry = parse_control_header(ctrl.buf, ctrl.size)
+        geometry = _registry.check_attachable(ctrl, self.name, owner, "subscribe")
         self.parsed = True
-        if geometry.state == STATE_CLOSED:
-            raise BusNotFoundError(f"bus {self.name!r} is closed")
-        if not _registry.publisher_alive(ctrl):
-            raise BusNotFoundError(
-                f"bus {self.name!r} is dead: its publisher (pid {geometry.pid}) exited "
-                "without closing it"
-            )
         policy = Overflow.from_code(geometry.overflow)
         if policy is None:
             raise ShmcastError(f"corrupt shmcast bus header: overflow mode {geometry.overflow}")
