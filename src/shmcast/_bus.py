@@ -310,15 +310,17 @@ class _Publisher:
     def publish_encoded(self, type_bytes: bytes, data: bytes, timestamp: float | None) -> int:
         """Publish an event already encoded (and checked); *timestamp* None: now."""
         with self.lock:
-            if self.closed or self.forked:
-                self._raise_unusable()
+            # busy before the check: a handler that runs in between sees it and
+            # defers the unmapping; one that ran before is seen by the check.
             self.busy = True
             try:
+                if self.closed or self.forked:
+                    self._raise_unusable()
                 version = self._emit(type_bytes, data, timestamp)
             finally:
                 self.busy = False
-            if self.closed:
-                self._teardown()  # a signal handler closed the bus under us
+                if self.closed and not self.forked:
+                    self._teardown()  # a signal handler closed the bus under us
         return version
 
     def _emit(self, type_bytes: bytes, data: bytes, timestamp: float | None) -> int:
@@ -455,19 +457,34 @@ class _Publisher:
         with self.lock:
             if self.forked:
                 self._raise_unusable()
-            if self._usable() and self.ctrl_q[Q_EPOCH] != self.epoch_seen:
-                self._scan()
-            return self.retired + sum(ring.writer.drops() + ring.missed
-                                      for ring in self.rings.values()) + \
-                sum(pend.missed for pend in self.pending.values())
+            scan = self._usable()
+            self.busy = True
+            try:
+                if self.torn:
+                    return self.retired
+                if scan and self.ctrl_q[Q_EPOCH] != self.epoch_seen:
+                    self._scan()
+                return self.retired + sum(ring.writer.drops() + ring.missed
+                                          for ring in self.rings.values()) + \
+                    sum(pend.missed for pend in self.pending.values())
+            finally:
+                self.busy = False
+                if self.closed:
+                    self._teardown()
 
     def subscriber_count(self) -> int:
         with self.lock:
             if self.forked:
                 self._raise_unusable()
-            if self.closed:
-                return 0
-            return _registry.count_active(self.ctrl, self.max_subscribers)
+            self.busy = True
+            try:
+                if self.closed:
+                    return 0
+                return _registry.count_active(self.ctrl, self.max_subscribers)
+            finally:
+                self.busy = False
+                if self.closed:
+                    self._teardown()
 
     def publisher_count(self) -> int:
         with self.lock:

@@ -169,30 +169,35 @@ class _Sender:
                 f"encoded event is {len(data)} bytes; this bus's slot_size is {self.slot_size}"
             )
         with self.lock:
-            if self.closed or self.forked or self.ended:
-                self._raise_unusable()
-            writer = self.writer
-            inbox_q = self.inbox_q
-            if writer is None or inbox_q is None:
-                self._raise_unusable()
-            if self.ctrl_i[I_STATE] == STATE_CLOSED or inbox_q[Q_END]:
-                self._end("the bus was closed")
-            now = _monotonic()
-            if now >= self.next_check:
-                self.next_check = now + OWNER_CHECK_PERIOD
-                if not _registry.publisher_alive(self.ctrl):
-                    self.owner_dead = True
-                    self._end("its owner died")
+            # busy before anything is touched: a signal handler's close() that runs
+            # from here on defers the unmapping to the end of this call.
             self.busy = True
             try:
-                # The slot's version field carries our own count; the bus gives the real one.
-                head, tail = frame(writer.w + 1, _time(), tb, data)
-                writer.write(head, tail)  # a full inbox rejects it, counted; never waits
+                self._publish_locked(tb, data)
             finally:
                 self.busy = False
-            if self.closed:  # a signal handler closed us under the write
-                self._leave()
-                self._release()
+                if self.closed and not self.forked:
+                    self._leave()
+                    self._release()
+
+    def _publish_locked(self, tb: bytes, data: bytes) -> None:
+        if self.closed or self.forked or self.ended:
+            self._raise_unusable()
+        writer = self.writer
+        inbox_q = self.inbox_q
+        if writer is None or inbox_q is None:
+            self._raise_unusable()
+        if self.ctrl_i[I_STATE] == STATE_CLOSED or inbox_q[Q_END]:
+            self._end("the bus was closed")
+        now = _monotonic()
+        if now >= self.next_check:
+            self.next_check = now + OWNER_CHECK_PERIOD
+            if not _registry.publisher_alive(self.ctrl):
+                self.owner_dead = True
+                self._end("its owner died")
+        # The slot's version field carries our own count; the bus gives the real one.
+        head, tail = frame(writer.w + 1, _time(), tb, data)
+        writer.write(head, tail)  # a full inbox rejects it, counted; never waits
 
     def _type_bytes(self, type_: str) -> bytes:
         tb = encode_type(type_)
