@@ -440,7 +440,9 @@ def test_idle_drain_thread_does_not_poll(bus_name: str) -> None:
         before = switches()
         time.sleep(3)
         woke = switches() - before
-        assert woke <= 5, f"the idle drain thread woke {woke} times in 3 s"
+        # About 3 timed wakes, each of which may also block once on the GIL on a
+        # loaded machine; a polling loop would wake hundreds of times.
+        assert woke <= 15, f"the idle drain thread woke {woke} times in 3 s"
 
 
 # --------------------------------------------------------------------------- across processes
