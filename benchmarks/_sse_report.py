@@ -57,10 +57,13 @@ def _summary(res: dict[str, Any], cell: str, dep: str) -> dict[str, Any] | None:
 
 def one_line(r: dict[str, Any]) -> str:
     lat = "/".join(_num(r.get(k)) for k in ("p50_ms", "p99_ms", "max_ms"))
+    if r.get("latency_floor_ms") and r.get("p50_ms") is None:
+        lat = f"all > {r['latency_floor_ms']:.0f}"
     cpu_src = (r.get("cpu_master") or 0) + (r.get("cpu_publisher") or 0)
     return (
         f"connected {r.get('connected')}/{r.get('clients')}, delivered {_pct(r.get('delivered'))}"
-        f", gaps {r.get('gaps')}, latency p50/p99/max {lat} ms, CPU source {cpu_src:.3f}"
+        f", gaps {r.get('gaps')}, late {r.get('late')}, latency p50/p99/max {lat} ms"
+        f", CPU source {cpu_src:.3f}"
         f" workers {_num(r.get('cpu_workers'))} broker {_num(r.get('cpu_broker'))}"
         f" load {_num(r.get('cpu_load_proc'))}, threads {r.get('threads_per_worker')}"
         f" [{r.get('seconds', 0):.0f} s]"
@@ -87,6 +90,7 @@ def table(res: dict[str, Any]) -> str:
         "refused",
         "delivered",
         "gaps",
+        "late",
         "latency p50 / p99 / max (ms)",
         "CPU master + publisher",
         "CPU workers",
@@ -103,6 +107,9 @@ def table(res: dict[str, Any]) -> str:
                 lines.append(f"| {cell} | {dep} | failed: {errors[0] if errors else '?'} |")
                 continue
             lat = " / ".join(_cell(s, m) for m in ("p50_ms", "p99_ms", "max_ms"))
+            if not s.get("p50_ms") and s.get("latency_floor_ms"):
+                # nothing published in the window arrived before the drain deadline
+                lat = f"all > {s['latency_floor_ms'][0] / 1e3:.0f} s"
             row = [
                 cell,
                 dep,
@@ -110,6 +117,7 @@ def table(res: dict[str, Any]) -> str:
                 _cell(s, "refused"),
                 _cell(s, "delivered", _pct),
                 _cell(s, "gaps"),
+                _cell(s, "late"),
                 lat,
                 _cell(s, "cpu_source"),
                 _cell(s, "cpu_workers"),
@@ -130,7 +138,9 @@ def load_table(res: dict[str, Any]) -> str:
         "load average at start",
         "handshakes (s)",
         "load process CPU",
+        "reads / event",
         "event-loop lag p99 / max (ms)",
+        "newest event's age at the end (s)",
         "worker RSS (MiB, sum)",
         "fds / worker",
         "shm size (MiB)",
@@ -153,7 +163,9 @@ def load_table(res: dict[str, Any]) -> str:
                         _cell(s, "load1"),
                         _cell(s, "connect_s"),
                         _cell(s, "cpu_load_proc"),
+                        _cell(s, "reads_per_event"),
                         lag,
+                        _cell(s, "behind_at_end_s"),
                         _cell(s, "rss_workers_mb"),
                         _cell(s, "fds_max"),
                         shm,
@@ -248,7 +260,7 @@ def chart(res: dict[str, Any], path: Path) -> bool:
             (axes[1], "cpu_workers", 1.0),
             (axes[2], "delivered", 100.0),
         ):
-            meds, lo, hi = [], [], []
+            meds, lo, hi, floors = [], [], [], []
             for c in cells:
                 s = _summary(res, c, dep)
                 v = s.get(metric) if s else None
@@ -256,9 +268,14 @@ def chart(res: dict[str, Any], path: Path) -> bool:
                 meds.append(m)
                 lo.append(m - v[0] * scale if v else 0.0)
                 hi.append(v[2] * scale - m if v else 0.0)
-            ax.bar(
-                xs, meds, width, yerr=[lo, hi], capsize=3, label=dep, color=colors[k % len(colors)]
-            )
+                floor = s.get("latency_floor_ms") if s and metric == "p99_ms" else None
+                floors.append(floor[0] if floor and not v else 0.0)
+            color = colors[k % len(colors)]
+            ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=dep, color=color)
+            for x, f in zip(xs, floors, strict=True):
+                if f:  # nothing of the window arrived: its latency is above this
+                    ax.bar([x], [f], width, color="white", edgecolor=color, hatch="//")
+                    ax.annotate(f"> {f / 1e3:.0f} s", (x, f), ha="center", va="bottom", fontsize=7)
     labels = [
         f"{c}: {res['cells'][c]['clients']:,} clients\n{res['cells'][c]['rate']:g} ev/s"
         for c in cells
@@ -303,17 +320,25 @@ def section(res: dict[str, Any], chart_ok: bool) -> str:
         ".venv/bin/pip install -e '.[bench]'   # broadcaster 0.3.1, redis-py < 6, gunicorn, "
         "uvicorn, Flask",
         "apt-get install -y redis-server",
-        "python -m benchmarks sse              # cells a and b (about 15 min); this section, "
+        "python -m benchmarks sse --repeat 2,1 # cell a twice (interleaved), cell b once: 40 min"
+        " here,",
+        "                                      # waits for a quieter box included; rewrites this "
+        "section,",
+        "                                      # docs/benchmarks-sse.png and "
         "benchmarks/results/sse-latest.json",
         "python -m benchmarks sse --quick      # 50 clients, a few seconds each (CI, tests/"
         "integration/test_bench_sse_quick.py)",
         "```",
         "",
         "Options: `--cells a,b`, `--deployments shmcast-asgi,shmcast-wsgi,broadcaster-asgi,"
-        "flask-sse-wsgi`, `--repeat N` (deployments interleaved, median and range), "
-        "`--clients C --rate R` (a custom cell), `--duration`, `--settle`, `--sample N`, "
-        "`--last-event-id ID`, `--env NAME=VALUE` (to the servers), `--out DIR`, "
-        "`--render benchmarks/results/sse-latest.json`.",
+        "flask-sse-wsgi`, `--repeat N` or one count per cell (`2,1`; deployments interleaved, "
+        "median and range reported), `--clients C --rate R` (a custom cell), `--duration`, "
+        "`--settle`, `--sample N`, `--last-event-id ID` (every client sends it), "
+        "`--env NAME=VALUE` (to the servers), `--max-load L --max-load-wait S` (before each run, "
+        "wait up to S s for the 1-minute load average to drop below L; default L = the CPU "
+        "count, 180 s), `--load-nice N` (default -5), `--logs DIR` (every run's server logs; "
+        "default `benchmarks/results/tmp/sse-logs/`), `--out DIR`, "
+        "`--render benchmarks/results/sse-latest.json` (measure nothing, redraw this section).",
         "",
         "**Deployments.** `shmcast-asgi`: `examples/asgi_sse` with its gunicorn.conf.py "
         "(uvicorn workers). `shmcast-wsgi`: `examples/gunicorn_sse` (gthread). Their gunicorn "
@@ -332,7 +357,9 @@ def section(res: dict[str, Any], chart_ok: bool) -> str:
         "",
         "**Load.** One asyncio process opens C raw TCP connections (asyncio streams, 256 "
         "handshakes in flight), sends `GET /events` with `Accept: text/event-stream`, and "
-        "reads every stream. The first "
+        "reads every stream; it runs at nice "
+        f"{res.get('load_nice', 0)}, because real clients would not share the servers' two "
+        "cores (its own CPU and event-loop lag are in the second table). The first "
         f"{res.get('sample', 50)} connected "
         "clients are parsed in full (chunked decoding, every SSE field, the heartbeat's JSON): "
         "latency is their receive time minus the event's `ts`. The others only extract the "
@@ -341,8 +368,14 @@ def section(res: dict[str, Any], chart_ok: bool) -> str:
         "published in the window are the ids from its first heartbeat to its last (ids are "
         "consecutive at the source); delivered = events received / events expected, summed "
         "over the connected clients (a client the server disconnected expects those published "
-        "before); a gap is a run of missing ids. After the window the load waits until every "
-        "open client has the window's last id, or the drain deadline. CPU is utime + stime "
+        "before). A gap is a run of missing ids followed by a received one, or by the end of a "
+        "stream the server closed; *late* counts the ids an open stream had still not received "
+        "when the drain deadline came (behind, maybe lost). After the window the load waits "
+        "until every "
+        "open client has the window's last id, or the drain deadline; when none of the "
+        "window's events reached the sample by then (a saturated server), latency reads "
+        "`all > X s` (X: from the window's start to the drain deadline) and delivered 0 %. "
+        "CPU is utime + stime "
         "from /proc over the window, in cores (CPU seconds per second): the gunicorn master "
         "(shmcast: publishing included) plus, for the peers, the publisher process; the "
         "workers summed; redis-server. Threads per worker and /dev/shm "

@@ -84,8 +84,8 @@ class Cell:
 
 
 CELLS = {
-    "a": Cell("a", 1000, 10.0, 2, settle=5, duration=20, drain=10, connect_deadline=120),
-    "b": Cell("b", 10000, 1.0, 2, settle=10, duration=30, drain=15, connect_deadline=240),
+    "a": Cell("a", 1000, 10.0, 2, settle=5, duration=20, drain=15, connect_deadline=120),
+    "b": Cell("b", 10000, 1.0, 2, settle=10, duration=30, drain=30, connect_deadline=240),
 }
 QUICK = Cell("quick", 50, 10.0, 2, settle=1, duration=3, drain=3, connect_deadline=20)
 
@@ -176,13 +176,31 @@ def max_bus_subscribers() -> int:
     Asked in a child interpreter: the harness itself never imports shmcast, so that what
     it measures (the core in this tree, maybe half-rewritten) cannot crash it.
     """
-    code = "from shmcast import _names; print(_names.MAX_SUBSCRIBERS)"
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired, ValueError, IndexError):
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-        return int(out.split()[0])
-    return 1024
+    return int(_core_facts().get("max_subscribers", 1024))
+
+
+_facts: dict[str, Any] = {}
+
+
+def _core_facts() -> dict[str, Any]:
+    """What the shmcast in this tree says about itself, from a child interpreter."""
+    if not _facts:
+        code = (
+            "import json, shmcast; from shmcast import _names; print(json.dumps({"
+            "'max_subscribers': _names.MAX_SUBSCRIBERS, "
+            "'native': getattr(shmcast, 'native', None)}))"
+        )
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+            out = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+                cwd=ROOT,
+            ).stdout
+            _facts.update(json.loads(out.strip().splitlines()[-1]))
+    return _facts
 
 
 # --------------------------------------------------------------------------- /proc
@@ -758,6 +776,7 @@ METRICS = [
     "refused",
     "delivered",
     "gaps",
+    "late",
     "missing",
     "disconnected",
     "p50_ms",
@@ -778,11 +797,16 @@ METRICS = [
     "loop_lag_p99_ms",
     "loop_lag_max_ms",
     "load1",
+    "latency_floor_ms",
+    "behind_at_end_s",
+    "reads_per_event",
 ]
 
 
 def flat(run: dict[str, Any]) -> dict[str, Any]:
     out = dict(run)
+    if run.get("events_total"):
+        out["reads_per_event"] = run.get("reads", 0) / run["events_total"]
     out["threads_max"] = max(run.get("threads_per_worker") or [0]) or None
     out["fds_max"] = max(run.get("fds_per_worker") or [0]) or None
     return out
@@ -911,6 +935,30 @@ def versions() -> dict[str, str]:
     ]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        # What ran is the working tree: say so when src/ or examples/ differ from HEAD.
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "src", "examples"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout
+        if head:
+            out["shmcast tree"] = head + (
+                " + uncommitted changes in src/ or examples/" if dirty.strip() else ""
+            )
+    native = _core_facts().get("native")
+    if native is not None:
+        out["shmcast core"] = "C (shmcast._native)" if native else "pure Python"
     b = redis_binary()
     if b:
         with contextlib.suppress(Exception):

@@ -27,7 +27,9 @@ Counting: the events *published in the window* are the ids from the first heartb
 whose ``ts`` falls in the window to the last one (any non-heartbeat event between them,
 the examples' ``members`` snapshots, counts too: ids are consecutive at the source). A
 client expects all of them, or those published before it was disconnected; it
-delivered those of them it received. A gap is a run of missing ids within that range.
+delivered those of them it received. A gap is a run of missing ids followed by a received
+one (or by the end of a stream the server closed); the missing ids after the last one an
+open stream received by the drain deadline are counted apart, as late.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def pct(sorted_vals: list[float], q: float) -> float | None:
 class Client:
     """One SSE connection's counters. ``feed`` is the bulk path; ``FullClient`` parses."""
 
-    __slots__ = ("bytes", "carry", "closed_at", "error", "ids", "last", "status", "writer")
+    __slots__ = ("bytes", "carry", "closed_at", "error", "ids", "last", "reads", "status", "writer")
 
     def __init__(self) -> None:
         self.ids = array("q")
@@ -72,6 +74,7 @@ class Client:
         self.error = ""
         self.closed_at = 0.0  # when the server ended the stream (0: still open)
         self.bytes = 0
+        self.reads = 0
         self.writer: asyncio.StreamWriter | None = None
 
     def feed(self, data: bytes, now: float) -> None:
@@ -268,6 +271,7 @@ class Load:
                 data = await read(262144)
                 if not data:
                     break
+                c.reads += 1
                 feed(data, clock())
         except OSError as exc:
             c.error = type(exc).__name__
@@ -376,6 +380,8 @@ class Load:
             "loop_lag_p99_ms": None,
             "loop_lag_max_ms": None,
             "bytes": sum(c.bytes for c in self.clients),
+            "reads": sum(c.reads for c in self.clients),  # one wakeup of this process each
+            "events_total": sum(len(c.ids) for c in self.clients),
         }
         if self.lags:
             lags = sorted(self.lags)
@@ -383,6 +389,36 @@ class Load:
             out["loop_lag_max_ms"] = lags[-1] * 1e3
         hb = self._heartbeats()
         in_window = [(ts, vid) for ts, vid in hb if t0 <= ts <= t1]
+        # How far behind the sampled streams were when the run ended: the age of the newest
+        # heartbeat each had (about 1/R on a server that keeps up), median over the sample.
+        now = time.time()
+        ages = sorted(
+            now - max(ts for _, ts, _ in c.hb)
+            for c in connected
+            if isinstance(c, FullClient) and c.hb
+        )
+        out["behind_at_end_s"] = pct(ages, 50)
+        if not in_window and connected:
+            # Nothing published in the window reached the sample before the drain deadline:
+            # the server was that far behind. Every window event's latency exceeds the time
+            # from the window's start to now, and none of them was delivered in time.
+            out.update(
+                published=None,
+                expected=None,
+                received=0,
+                delivered=0.0 if ages else None,
+                latency_floor_ms=(now - t0) * 1e3,
+                gaps=None,
+                missing=None,
+                clients_with_gaps=None,
+                disconnected=sum(bool(c.closed_at) for c in connected),
+                p50_ms=None,
+                p99_ms=None,
+                max_ms=None,
+                latency_samples=0,
+                disorder=0,
+            )
+            return out
         if not in_window:
             out.update(
                 published=0,
@@ -403,7 +439,7 @@ class Load:
         v0 = min(vid for _, vid in in_window)
         v1 = max(vid for _, vid in in_window)
         hb_ts = [ts for ts, _ in hb]
-        expected = received = gaps = with_gaps = disconnected = 0
+        expected = received = gaps = with_gaps = disconnected = late = late_clients = 0
         for c in connected:
             end = v1
             if c.closed_at and c.closed_at < t1:
@@ -421,7 +457,11 @@ class Load:
                     holes += 1
                 prev = v
             if want and prev < end:
-                holes += 1  # missing at the end of the window (or never arrived in the drain)
+                if c.closed_at:
+                    holes += 1  # the stream ended without them
+                else:  # still open: they had not arrived by the drain deadline (late, maybe lost)
+                    late += end - prev
+                    late_clients += 1
             gaps += holes
             with_gaps += holes > 0
         lat = sorted(
@@ -439,6 +479,8 @@ class Load:
             missing=expected - received,
             gaps=gaps,
             clients_with_gaps=with_gaps,
+            late=late,
+            late_clients=late_clients,
             disconnected=disconnected,
             disorder=sum(c.disorder for c in connected if isinstance(c, FullClient)),
             p50_ms=pct(lat, 50),
