@@ -716,16 +716,24 @@ reader_next(Reader *self, int have_limit, uint64_t limit)
                 }
                 atomic_thread_fence(memory_order_acquire);
                 if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want) {
-                    PyObject *out = PyTuple_New(4), *v, *t;
-                    if (out == NULL || (v = PyLong_FromUnsignedLongLong(version)) == NULL) {
+                    PyObject *out, *v, *t;
+                    /* Taken: say so at once. Until r moves, the writer's count of drops
+                     * includes this event if it laps the slot now (docs/design.md,
+                     * "Counting drops"), so the window is kept to two stores.
+                     * r first: killed between the two, the event counts as lost. */
+                    self->r = r + 1;
+                    store_rel(base, SHMCAST_R_OFF, r + 1);
+                    self->delivered += 1;
+                    store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
+                    out = PyTuple_New(4);
+                    v = out ? PyLong_FromUnsignedLongLong(version) : NULL;
+                    t = v ? PyFloat_FromDouble(timestamp) : NULL;
+                    if (t == NULL) {
+                        /* Out of memory: the event is lost after all, and counted so. */
+                        self->delivered -= 1;
+                        store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
+                        Py_XDECREF(v);
                         Py_XDECREF(out);
-                        Py_DECREF(type_);
-                        Py_DECREF(data);
-                        return NULL;
-                    }
-                    if ((t = PyFloat_FromDouble(timestamp)) == NULL) {
-                        Py_DECREF(v);
-                        Py_DECREF(out);
                         Py_DECREF(type_);
                         Py_DECREF(data);
                         return NULL;
@@ -734,11 +742,6 @@ reader_next(Reader *self, int have_limit, uint64_t limit)
                     PyTuple_SET_ITEM(out, 1, t);
                     PyTuple_SET_ITEM(out, 2, type_);
                     PyTuple_SET_ITEM(out, 3, data);
-                    /* r first: killed between the two, the event counts as lost. */
-                    self->r = r + 1;
-                    store_rel(base, SHMCAST_R_OFF, r + 1);
-                    self->delivered += 1;
-                    store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
                     return out;
                 }
                 Py_DECREF(type_);

@@ -727,7 +727,10 @@ def scenario_resume_on_another_worker(example: str, bus: str, tmp_path: Path) ->
         witness = SSEClient(server.url, reconnect=False)
         witness.start()
         try:
-            witness.wait_events(2, timeout=10)
+            # Every worker's hub keeps history from its own subscribe on: a worker that
+            # boots late cannot give back what was published before it.
+            witness.wait_events(1, timeout=20, where=lambda e: e.type == "heartbeat" and
+                                json.loads(e.data)["subscribers"] >= server.workers)
             # 1. A first stream, then a pause in which it misses 20 events.
             pid, first, _ = read_stream(server.url, until=lambda ev: len(ev) >= 10)
             check_stream(first, allow_gaps=False)

@@ -185,7 +185,9 @@ def test_versions_and_drops_invariant_across_processes(bus_name, method, overflo
             assert len(received) + dropped == total, (len(received), dropped, total)
             missing = set(range(base + 1, base + total + 1)) - set(received)
             assert len(missing) == dropped
-            assert dropped_at_end == dropped
+            # Read while the child still read: the one event it had taken but not yet
+            # stepped over may count for that moment (docs/design.md, "Counting drops").
+            assert dropped <= dropped_at_end <= dropped + 1, (dropped_at_end, dropped)
             if overflow == "overwrite":  # the newest event is never the one overwritten
                 assert max(received) == base + total
             ch.send({"op": "exit"})
