@@ -351,9 +351,11 @@ def _describe_action(action: _cleaning.CleanAction) -> str:
             n = len(action.rings)
             extra = f", with {n} dead subscriber ring{'s' if n != 1 else ''}"
         return f"bus {action.bus!r} ({action.reason}{extra})"
-    what = "ring" if action.kind == "ring" else "orphan ring"
-    name = _cleaning.ring_name_of(action)
-    return f"{what} {name} of bus {action.bus!r} ({action.reason})"
+    if action.kind == "inboxes":
+        what = "orphan publisher inboxes"
+    else:
+        what = "ring" if action.kind == "ring" else "orphan ring"
+    return f"{what} {_cleaning.subject_of(action)} of bus {action.bus!r} ({action.reason})"
 
 
 def _clean(args: argparse.Namespace) -> int:
@@ -361,8 +363,7 @@ def _clean(args: argparse.Namespace) -> int:
     actions = _cleaning.plan_clean(args.patterns)
     for action in actions:
         if action.kind == "keep":
-            what = _cleaning.ring_name_of(action) if action.ring_id else action.files[0]
-            print(f"left alone: {what}: {action.reason}")
+            print(f"left alone: {_cleaning.subject_of(action)}: {action.reason}")
     todo = [a for a in actions if a.kind != "keep"]
     if args.dry_run:
         for action in todo:

@@ -28,7 +28,7 @@ from _procs import Child, python, wait_until
 from _support import DEV_SHM as SHM
 from _support import bus_entries as entries
 from _support import kill_popen, proc_state
-from shmcast import Bus
+from shmcast import Bus, Publisher, subscribe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -526,6 +526,98 @@ def test_clean_dead_bus_keeps_live_subscriber_rings_then_removes_orphans(bus_nam
         assert done.returncode == 0, done.stderr
         assert entries(bus_name) == [f"shmcast.{bus_name}"]
         bus.publish("still", "works")
+    assert entries(bus_name) == []
+
+
+OWNER_WITH_INBOXES = """
+import shmcast, time
+bus = shmcast.Bus({name!r}, slots=8, max_publishers={places})
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+PUBLISHING = """
+import shmcast
+pub = shmcast.Publisher({name!r})
+print("ready", flush=True)
+i = 0
+while True:  # a tight loop: a SIGKILL lands in the middle of some publish
+    pub.publish("tick", i)
+    i += 1
+"""
+
+
+def inboxes_of(name: str) -> list[str]:
+    """The bus's publisher inboxes and drain semaphore in /dev/shm."""
+    return [e for e in entries(name) if e.endswith(".drain") or ".inbox" in e]
+
+
+def test_clean_removes_orphan_publisher_inboxes_and_never_a_live_buss(bus_name: str):
+    # A bus whose owner and publishers died: clean removes all of it, inboxes too.
+    with python(OWNER_WITH_INBOXES.format(name=bus_name, places=2)) as owner, \
+            python(PUBLISHING.format(name=bus_name)) as killed:
+        os.kill(killed.pid, signal.SIGKILL)
+        assert killed.wait() == -signal.SIGKILL
+        os.kill(owner.pid, signal.SIGKILL)
+        assert owner.wait() == -signal.SIGKILL
+        assert len(inboxes_of(bus_name)) == 3  # two inboxes, the drain semaphore
+        done = shmcast("clean", bus_name)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [
+            f"removed bus {bus_name!r} (its publisher (pid {owner.pid}) is dead)"]
+        assert entries(bus_name) == []
+
+    # The same, but something that knows nothing of inboxes removed the control
+    # segment first (rm, or a reclaimer that could not read the header): the
+    # inboxes are orphans, left alone while a stopped publisher still maps its own.
+    with python(OWNER_WITH_INBOXES.format(name=bus_name, places=2)) as owner, \
+            python(PUBLISHING.format(name=bus_name)) as killed, \
+            python(PUBLISHING.format(name=bus_name)) as stopped:
+        stop(stopped.pid)
+        os.kill(killed.pid, signal.SIGKILL)
+        assert killed.wait() == -signal.SIGKILL
+        os.kill(owner.pid, signal.SIGKILL)
+        assert owner.wait() == -signal.SIGKILL
+        os.unlink(os.path.join(SHM, f"shmcast.{bus_name}"))
+        orphans = inboxes_of(bus_name)
+        assert entries(bus_name) == orphans
+        assert len(orphans) == 3
+        listed = ", ".join(orphans)
+        keep = shmcast("clean", bus_name)
+        assert keep.returncode == 0, keep.stderr
+        assert keep.stdout.splitlines() == [
+            f"left alone: {listed}: orphan publisher inboxes (its bus is gone) but in use "
+            f"by pid {stopped.pid}"]
+        assert entries(bus_name) == orphans
+        os.kill(stopped.pid, signal.SIGKILL)
+        assert stopped.wait() == -signal.SIGKILL
+
+    # A live bus of the same name with a publisher SIGKILLed mid-publish: its own
+    # inboxes stay, the older bus's go.
+    with Bus(bus_name, slots=8, max_publishers=1) as bus:
+        with python(PUBLISHING.format(name=bus_name)) as victim:
+            wait_until(lambda: bus.publisher_count == 1, 10, "the publisher attached")
+            os.kill(victim.pid, signal.SIGKILL)
+            assert victim.wait() == -signal.SIGKILL
+        live = sorted(set(inboxes_of(bus_name)) - set(orphans))
+        assert len(live) == 2  # one inbox, the drain semaphore
+        removal = (f"orphan publisher inboxes {listed} of bus {bus_name!r} (it belongs to an "
+                   "older bus of that name; nobody uses them)")
+        dry = shmcast("clean", "--dry-run", bus_name)
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.splitlines() == [f"would remove {removal}"]
+        assert set(orphans) <= set(entries(bus_name))
+        done = shmcast("clean", bus_name)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [f"removed {removal}"]
+        assert entries(bus_name) == sorted([f"shmcast.{bus_name}", *live])
+        again = shmcast("clean", bus_name)
+        assert (again.returncode, again.stdout) == (0, ""), again.stderr
+        assert entries(bus_name) == sorted([f"shmcast.{bus_name}", *live])
+        # The live bus still takes a publisher in the place the dead one left.
+        with subscribe(bus_name) as sub, Publisher(bus_name) as pub:
+            pub.publish("after", 1)
+            assert sub.get(timeout=5).payload == 1
     assert entries(bus_name) == []
 
 
