@@ -40,6 +40,32 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _med(r: dict[str, Any], key: str) -> str:
+    """The median of *key*, with its range across repetitions when there were several."""
+    lo_hi = r.get("spread", {}).get(key)
+    if not lo_hi:
+        return _f(r.get(key))
+    return f"{_f(r.get(key))} ({_f(lo_hi[0])}\u2013{_f(lo_hi[1])})"
+
+
+def _torn(r: dict[str, Any]) -> Any:
+    """Copies rejected by the payload checksum; "-" for a peer that carries none."""
+    return r.get("torn", "-")
+
+
+def _loss(r: dict[str, Any]) -> str:
+    if "loss_pct" not in r:
+        return "n/a"
+    torn = f", {r['torn']} torn" if "torn" in r else ""
+    return f"{r['loss_pct']:.1f}%{torn}"
+
+
+def _met(x: float | None, y: float | None, target: float, lower: bool) -> str:
+    if not x or not y or math.isnan(x) or math.isnan(y):
+        return "n/a"
+    return "yes" if (x / y <= target if lower else x / y >= target) else "no"
+
+
 def _ratio(x: float | None, y: float | None) -> str:
     if not x or not y or math.isnan(x) or math.isnan(y):
         return "n/a"
@@ -73,7 +99,8 @@ def tables(res: dict[str, Any]) -> str:
         f"{'/'.join(f'{x:.2f}' for x in res.get('loadavg_end', (0, 0, 0)))}; "
         f"{res.get('seconds', 0):.0f} s in all.\n\n"
         f"Command: `{res['command'].strip()}`. Peers' JSON: `{res['json']}`; queue depth "
-        f"(shmcast slots, iceoryx2 buffer, zmq HWM, faster-fifo bytes/event) {res['depth']}.\n\n"
+        f"(shmcast slots, iceoryx2 buffer, zmq HWM, faster-fifo bytes/event, shm-comm slots) "
+        f"{res['depth']}.\n\n"
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "."
     )
     loads = [
@@ -105,7 +132,7 @@ def tables(res: dict[str, Any]) -> str:
             for peer, by in tp.items():
                 r = by.get(c, {})
                 if "error" in r:
-                    rows.append([peer, size, n, r["error"], "", "", "", ""])
+                    rows.append([peer, size, n, r["error"], "", "", "", "", ""])
                     continue
                 drain = _f(r.get("drain_s")) + (" (cap)" if r.get("drain_capped") else "")
                 rows.append(
@@ -114,19 +141,33 @@ def tables(res: dict[str, Any]) -> str:
                         size,
                         n,
                         r.get("publish_rate"),
-                        r.get("delivered_rate"),
+                        _med(r, "delivered_rate"),
                         r.get("lost"),
                         f"{r.get('loss_pct', float('nan')):.1f}%",
+                        _torn(r),
                         drain,
                     ]
                 )
         out.append(
             "### Throughput\n\nPublish as fast as possible for the run's duration; "
             "delivered/s is summed over subscribers, from the first publish to the last "
-            "delivery; lost = published \u00d7 N \u2212 delivered, counted exactly; drain = last "
-            "delivery \u2212 last publish.\n\n"
+            "delivery; lost = published \u00d7 N \u2212 delivered, counted exactly; torn = "
+            "copies whose payload checksum failed (counted in lost; only shm-comm, which has no "
+            "check of its own, carries a checksum); drain = last delivery \u2212 last publish. "
+            "Medians of the repetitions, their range in brackets.\n\n"
             + _table(
-                ["peer", "bytes", "N", "publish/s", "delivered/s", "lost", "loss", "drain s"], rows
+                [
+                    "peer",
+                    "bytes",
+                    "N",
+                    "publish/s",
+                    "delivered/s",
+                    "lost",
+                    "loss",
+                    "torn",
+                    "drain s",
+                ],
+                rows,
             )
         )
         if PEER in tp:
@@ -134,11 +175,35 @@ def tables(res: dict[str, Any]) -> str:
             for c in cells:
                 size, n = c.split("/")
                 bp, bv = _best(tp, c, "delivered_rate", lower=False)
-                mine = tp[PEER].get(c, {}).get("delivered_rate")
-                rrows.append([size, n, mine, f"{bp} {_f(bv)}" if bp else "n/a", _ratio(mine, bv)])
+                m = tp[PEER].get(c, {})
+                theirs = tp[bp].get(c, {}) if bp else {}
+                rrows.append(
+                    [
+                        size,
+                        n,
+                        m.get("delivered_rate"),
+                        _loss(m),
+                        f"{bp} {_f(bv)}" if bp else "n/a",
+                        _loss(theirs) if bp else "n/a",
+                        _ratio(m.get("delivered_rate"), bv),
+                        _met(m.get("delivered_rate"), bv, 1.2, lower=False),
+                    ]
+                )
             out.append(
                 "shmcast against the best peer (target ≥ 1.20\u00d7):\n\n"
-                + _table(["bytes", "N", "shmcast delivered/s", "best peer", "ratio"], rrows)
+                + _table(
+                    [
+                        "bytes",
+                        "N",
+                        "shmcast delivered/s",
+                        "shmcast loss",
+                        "best peer",
+                        "its loss",
+                        "ratio",
+                        "met",
+                    ],
+                    rrows,
+                )
             )
 
     lat = res["latency"]
@@ -149,15 +214,24 @@ def tables(res: dict[str, Any]) -> str:
             for peer, by in lat.items():
                 r = by.get(n, {})
                 if "error" in r:
-                    rows.append([peer, n, r["error"], "", "", ""])
+                    rows.append([peer, n, r["error"], "", "", "", ""])
                 else:
                     rows.append(
-                        [peer, n, r.get("p50_us"), r.get("p99_us"), r.get("max_us"), r.get("lost")]
+                        [
+                            peer,
+                            n,
+                            _med(r, "p50_us"),
+                            _med(r, "p99_us"),
+                            r.get("max_us"),
+                            r.get("lost"),
+                            _torn(r),
+                        ]
                     )
         out.append(
             "### Latency at 2,000 events/s (100 B)\n\nMicroseconds from the stamp taken "
-            "just before `publish` to the subscriber's clock read after its decode.\n\n"
-            + _table(["peer", "N", "p50 µs", "p99 µs", "max µs", "lost"], rows)
+            "just before `publish` to the subscriber's clock read after its decode; medians "
+            "of the repetitions, their range in brackets; torn as above.\n\n"
+            + _table(["peer", "N", "p50 µs", "p99 µs", "max µs", "lost", "torn"], rows)
         )
         if PEER in lat:
             rrows = []
@@ -171,15 +245,27 @@ def tables(res: dict[str, Any]) -> str:
                         m.get("p50_us"),
                         f"{bp50} {_f(b50)}" if bp50 else "n/a",
                         _ratio(m.get("p50_us"), b50),
+                        _met(m.get("p50_us"), b50, 0.8, lower=True),
                         m.get("p99_us"),
                         f"{bp99} {_f(b99)}" if bp99 else "n/a",
                         _ratio(m.get("p99_us"), b99),
+                        _met(m.get("p99_us"), b99, 1.0, lower=True),
                     ]
                 )
             out.append(
                 "shmcast against the best peer (targets: p50 ≤ 0.80\u00d7, p99 ≤ 1.00\u00d7):\n\n"
                 + _table(
-                    ["N", "shmcast p50", "best p50", "ratio", "shmcast p99", "best p99", "ratio"],
+                    [
+                        "N",
+                        "shmcast p50",
+                        "best p50",
+                        "ratio",
+                        "met",
+                        "shmcast p99",
+                        "best p99",
+                        "ratio",
+                        "met",
+                    ],
                     rrows,
                 )
             )
@@ -226,22 +312,41 @@ def tables(res: dict[str, Any]) -> str:
     if fl:
         rows = []
         for r in fl:
-            what = f"publish, N={r['n']}" if r["n"] != "get" else "get (one event, in ring)"
+            what = f"publish, N={r['n']}" if r["n"] != "get" else "get + decode (in ring)"
+            # The publish target is against the C floor where there is one; get's
+            # floor (copy out + decode) has no C variant: the decode is the floor.
+            key = "c_ratio" if r["n"] != "get" else "ratio"
             rows.append(
                 [
                     what,
+                    r.get("cfloor_us", r.get("cfloor_error", "-" if r["n"] == "get" else "n/a")),
                     r["floor_us"],
                     r.get("shmcast_us", r.get("error", "n/a")),
-                    f"{r['ratio']:.2f}\u00d7" if "ratio" in r else "n/a",
+                    f"{r[key]:.2f}\u00d7" if key in r else "n/a",
+                    ("yes" if r[key] <= 1.5 else "no") if key in r else "n/a",
+                    f"{r['ratio']:.2f}\u00d7" if "ratio" in r and r["n"] != "get" else "-",
                 ]
             )
         out.append(
-            "### Floor (one process, 100 B)\n\nThe floor publish: encode once, then per "
-            "ring one header `pack_into`, one payload copy into an `mmap`, one semaphore "
-            "post. shmcast: `Bus.publish` with N subscribers attached in-process, none "
-            "waiting. Get: header unpack + copy out + decode, against `get()` + "
-            "`.payload`.\n\n"
-            + _table(["what", "floor µs", "shmcast µs", "ratio (target ≤ 1.5\u00d7)"], rows)
+            "### Floor (one process, 100 B)\n\nThe C floor publish (`benchmarks/_cfloor.c`): "
+            "encode once in Python, then in C per ring a slot-header store, one payload copy "
+            "and two release stores (the slot's sequence, the ring's write count). The Python "
+            "floor: encode once, then per ring one header `pack_into`, one payload copy into "
+            "an `mmap`, one semaphore post. shmcast: `Bus.publish` with N subscribers "
+            "attached in-process, none waiting. Get: header unpack + copy out + decode, "
+            "against `get()` + `.payload`. Best of the rounds.\n\n"
+            + _table(
+                [
+                    "what",
+                    "C floor µs",
+                    "Python floor µs",
+                    "shmcast µs",
+                    "ratio (target ≤ 1.5\u00d7)",
+                    "met",
+                    "vs Python floor",
+                ],
+                rows,
+            )
         )
 
     for key, title, unit in (
@@ -263,6 +368,68 @@ def tables(res: dict[str, Any]) -> str:
             + _table([f"{unit} →", *xs], rows)
         )
     return "\n\n".join(out) + "\n"
+
+
+def readme_table(res: dict[str, Any]) -> str:
+    """The README's speed table: shmcast against the best peer, cell by cell, from one run."""
+    tp, lat = res.get("throughput", {}), res.get("latency", {})
+    ns = sorted({c.split("/")[1] for by in tp.values() for c in by} | {
+        n for by in lat.values() for n in by}, key=int)
+    if PEER not in tp and PEER not in lat:
+        return ""
+
+    def cell(sec: dict[str, Any], key: str, metric: str, lower: bool) -> str:
+        bp, bv = _best(sec, key, metric, lower=lower)
+        mine = sec.get(PEER, {}).get(key, {}).get(metric)
+        return f"{_ratio(mine, bv)} ({bp})" if bp else "n/a"
+
+    def lost(key: str) -> str:
+        bp, _ = _best(tp, key, "delivered_rate", lower=False)
+        if not bp:
+            return "n/a"
+        return f"{_loss(tp[PEER].get(key, {}))} / {_loss(tp[bp].get(key, {}))} ({bp})"
+
+    rows: list[list[str]] = []
+    sizes = sorted({c.split("/")[0] for by in tp.values() for c in by}, key=int)
+    for size in sizes:
+        label = f"{size} B" if int(size) < 1024 else f"{int(size) // 1024} KiB"
+        rows.append(
+            [f"delivered events/s vs best peer, {label} (target \u2265 1.2\u00d7)"]
+            + [cell(tp, f"{size}/{n}", "delivered_rate", False) for n in ns]
+        )
+        rows.append(
+            [f"loss at full speed, {label}: shmcast / best peer"]
+            + [lost(f"{size}/{n}") for n in ns]
+        )
+    if lat:
+        rows.append(
+            ["latency p50 at 2,000 events/s vs best peer (target \u2264 0.8\u00d7)"]
+            + [cell(lat, n, "p50_us", True) for n in ns]
+        )
+        rows.append(
+            ["latency p99 at 2,000 events/s vs best peer (target \u2264 1.0\u00d7)"]
+            + [cell(lat, n, "p99_us", True) for n in ns]
+        )
+    fl = {str(r["n"]): r for r in res.get("floor", [])}
+    if any("c_ratio" in r for r in fl.values()):
+        rows.append(
+            ["publish, nobody waiting, vs the C floor (target \u2264 1.5\u00d7)"]
+            + [f"{fl[n]['c_ratio']:.2f}\u00d7" if "c_ratio" in fl.get(n, {}) else "n/a"
+               for n in ns]
+        )
+    if "ratio" in fl.get("get", {}):
+        # One figure: a get is the same work whatever N is.
+        rows.append(
+            [
+                "get + decode vs its floor (target \u2264 1.5\u00d7)",
+                f"{fl['get']['ratio']:.2f}\u00d7",
+                *([""] * (len(ns) - 1)),
+            ]
+        )
+    head = ["measure (JSON events)", *[f"N={n}" for n in ns]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def charts(res: dict[str, Any], out: Path) -> list[Path]:
@@ -359,6 +526,10 @@ def charts(res: dict[str, Any], out: Path) -> list[Path]:
 def render(res: dict[str, Any], out: Path | None) -> str:
     """Return the tables; with *out*, also write them, the charts and the raw JSON there."""
     text = tables(res)
+    readme = readme_table(res)
+    if readme:
+        text += "\nREADME speed table (ratios: shmcast / the best peer of the cell, "
+        text += "named in brackets):\n\n" + readme
     if out is None:
         return text
     out.mkdir(parents=True, exist_ok=True)
@@ -381,4 +552,4 @@ def render(res: dict[str, Any], out: Path | None) -> str:
     return text + "\nwrote " + ", ".join(str(p) for p in [doc, raw, *made])
 
 
-__all__ = ["charts", "render", "tables"]
+__all__ = ["charts", "readme_table", "render", "tables"]

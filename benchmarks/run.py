@@ -35,8 +35,9 @@ from typing import Any
 if __package__ in (None, ""):  # ``python benchmarks/run.py``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _codec, _worker, floor
+from benchmarks import _codec, _worker, cfloor, floor
 from benchmarks.adapters import BY_NAME, PEERS, Options, Peer
+from benchmarks.adapters.shmcomm_peer import SEGMENT_PREFIX as SHMCOMM_SEGMENT_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 W = _worker
@@ -293,7 +294,15 @@ def sc_throughput(peer: Peer, plan: Plan, n: int, size: int) -> dict[str, Any]:
         "loss_pct": 100.0 * (published * n - delivered) / (published * n),
         "drain_s": max(0, last - t1) / 1e9,
         "drain_capped": capped,
+        **torn_of(ch),
     }
+
+
+def torn_of(channel: Any) -> dict[str, int]:
+    """``{"torn": k}`` for a peer whose subscribers check a payload checksum (shm-comm):
+    copies rejected as torn, which are counted lost, not delivered."""
+    torn = getattr(channel, "torn", None)
+    return {} if torn is None else {"torn": int(torn)}
 
 
 def sc_latency(peer: Peer, plan: Plan, n: int) -> dict[str, Any]:
@@ -321,6 +330,7 @@ def sc_latency(peer: Peer, plan: Plan, n: int) -> dict[str, Any]:
         "samples": len(lat),
         "rate": count / ((t1 - t0) / 1e9),
         "lost": count * n - delivered,
+        **torn_of(ch),
     }
 
 
@@ -494,10 +504,22 @@ def sc_floor(
         )
         row: dict[str, Any] = {"n": n, "size": size, "floor_us": f * 1e6}
         if shm_ok:
+            c = None
+            try:
+                # Issue 12's floor: the per-ring work in C (the one above is a Python loop).
+                c = min(
+                    cfloor.publish_floor(n, objs, slot_size, json_impl)
+                    for _ in range(plan.floor_rounds)
+                )
+                row["cfloor_us"] = c * 1e6
+            except RuntimeError as exc:
+                row["cfloor_error"] = str(exc)
             try:
                 s = min(shmcast_idle_cost(n, objs, slot_size) for _ in range(plan.floor_rounds))
                 row["shmcast_us"] = s * 1e6
                 row["ratio"] = s / f
+                if c is not None:
+                    row["c_ratio"] = s / c
             except Exception as exc:  # noqa: BLE001 - reported in the table
                 row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
@@ -517,6 +539,10 @@ def sc_floor(
 # --------------------------------------------------------------------------- driver
 
 
+# The figures whose range across repetitions the tables show next to the median.
+SPREAD_KEYS = ("delivered_rate", "loss_pct", "p50_us", "p99_us")
+
+
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(runs) == 1:
         return runs[0]
@@ -528,6 +554,11 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = statistics.median(vals)
     out["reps"] = len(runs)
+    out["spread"] = {
+        k: [min(r[k] for r in runs), max(r[k] for r in runs)]
+        for k in SPREAD_KEYS
+        if all(k in r for r in runs)
+    }
     return out
 
 
@@ -601,7 +632,14 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for dist in ["shmcast", "posix_ipc", "pyzmq", "faster-fifo", "redis", "iceoryx2", "orjson"]:
+    with contextlib.suppress(Exception):
+        import shmcast
+
+        out["shmcast core"] = "C" if shmcast.native else "pure Python"
+    for dist in [
+        "shmcast", "posix_ipc", "pyzmq", "faster-fifo", "redis", "iceoryx2", "shm-comm", "numpy",
+        "orjson",
+    ]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     with contextlib.suppress(Exception):
@@ -757,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shm_entries() -> list[str]:
-    """This suite's names in /dev/shm: its shmcast buses (``bench-PID-…``) and floor semaphores."""
+    """This suite's names in /dev/shm: its shmcast buses (``bench-PID-…``), floor semaphores
+    and shm-comm segments."""
     try:
         names = os.listdir("/dev/shm")
     except FileNotFoundError:
@@ -765,7 +804,9 @@ def _shm_entries() -> list[str]:
     return [
         n
         for n in names
-        if n.startswith(("shmcast.bench-", "sem.shmcast.bench-", "sem.shmcast-bench-"))
+        if n.startswith(
+            ("shmcast.bench-", "sem.shmcast.bench-", "sem.shmcast-bench-", SHMCOMM_SEGMENT_PREFIX)
+        )
     ]
 
 

@@ -8,6 +8,7 @@ from benchmarks.adapters.iceoryx2_peer import Iceoryx2Peer
 from benchmarks.adapters.mpqueue_peer import MpQueuePeer
 from benchmarks.adapters.redis_peer import RedisPeer
 from benchmarks.adapters.shmcast_peer import ShmcastPeer
+from benchmarks.adapters.shmcomm_peer import ShmCommPeer
 from benchmarks.adapters.zmq_peer import ZmqPeer
 
 PEERS: list[type[Peer]] = [
@@ -17,6 +18,7 @@ PEERS: list[type[Peer]] = [
     ZmqPeer,
     RedisPeer,
     Iceoryx2Peer,
+    ShmCommPeer,
 ]
 BY_NAME = {p.name: p for p in PEERS}
 
