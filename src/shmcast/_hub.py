@@ -17,6 +17,12 @@ Because every feed's ``seen`` is at least the last version the hub had
 fanned out when it opened, those in-between versions are exactly the hub's
 losses. What the hub's ring lost after its last event is counted when it ends.
 
+Resuming by stream id. Events a bridge brought from the Redis stream
+(``shmcast.bridge``; with ``echo=True`` also this host's own) carry the
+entry's id in their type, and come in the stream's order on every host's bus.
+``subscribe(since="<ms>-<seq>")`` resumes by that id, which means the same on
+every host where a bus version does not: see :meth:`_HubCore.open_at_id`.
+
 Locking: one reentrant lock per hub guards the hub and all its feeds (a
 signal handler that closes a feed or the hub while its own thread holds the
 lock gets it at once). Iterations over the feeds go over a copy: a feed that is
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import threading
 import time
 import weakref
@@ -72,18 +79,41 @@ MAX_BUFFER = 1 << 24
 # finish until the handler returns.
 _CLOSE_JOIN = 0.2
 
+# Besides the events it keeps, a hub remembers the types (so the stream ids) of
+# this many times as many stream events it no longer keeps: a resume from one of
+# them counts exactly what it missed (older ones are a gap of unknown size).
+KEY_SPAN = 3
+
+# The type of an event a bridge brought from the stream (shmcast.bridge.IN_PREFIX):
+# shmcast.in:<ms>-<seq>:<origin>:<type>.
+IN_PREFIX = "shmcast.in:"
+_STREAM_TYPE = re.compile(r"shmcast\.in:(\d+)-(\d+):")
+_STREAM_ID = re.compile(r"(\d+)-(\d+)")
+
+StreamId = tuple[int, int]
+
 _monotonic = time.monotonic
 _allocate_lock = threading.Lock
 _get_running_loop = asyncio.get_running_loop
 
 
-def _check_since(since: object) -> int:
+def _check_since(since: object) -> int | StreamId:
+    if isinstance(since, str):
+        m = _STREAM_ID.fullmatch(since)
+        if m is not None:
+            return int(m.group(1)), int(m.group(2))
     if isinstance(since, bool) or not isinstance(since, int):
-        raise TypeError(f"since must be an int (an event version) or None, not "
-                        f"{type(since).__name__}")
+        raise TypeError(f"since must be an int (an event version), a stream id "
+                        f"'<ms>-<seq>' (str) or None, not {since!r}")
     if since < 0:
         raise ValueError(f"since must be a version (>= 0), got {since}")
     return since
+
+
+def stream_id(type_: str) -> StreamId | None:
+    """The stream id an event of this type carries (a bridge brought it), or None."""
+    m = _STREAM_TYPE.match(type_)
+    return None if m is None else (int(m.group(1)), int(m.group(2)))
 
 
 class _FeedCore:
@@ -95,8 +125,8 @@ class _FeedCore:
     its readers get what is buffered, then StreamClosed).
     """
 
-    __slots__ = ("active", "buffer", "deadline", "dq", "dropped", "futures", "hub", "limit",
-                 "overwrite", "reason", "seen", "waiters")
+    __slots__ = ("active", "after", "buffer", "deadline", "dq", "dropped", "futures", "hub",
+                 "limit", "overwrite", "reason", "seen", "waiters")
 
     def __init__(self, hub: _HubCore, buffer: int, overwrite: bool, seen: int) -> None:
         self.hub = hub
@@ -109,6 +139,9 @@ class _FeedCore:
         self.limit: int | None = None
         self.deadline = 0.0
         self.active = True  # among the hub's feeds (open or closing)
+        # Opened at a stream id: stream events up to it are skipped (the client has
+        # them), until the first one after it (the stream's order holds from there).
+        self.after: StreamId | None = None
         self.waiters: list[Any] = []  # locks of the threads waiting on it
         self.futures: set[asyncio.Future[None]] = set()
 
@@ -142,6 +175,7 @@ class _FeedCore:
         if hi <= s:
             return False
         put = self.put
+        after = self.after
         for item in items:
             v = item.version
             if v <= s:
@@ -151,6 +185,12 @@ class _FeedCore:
             if v != s + 1:
                 self.drop(v - s - 1)
             s = v
+            if after is not None and type(item) is Event:
+                sid = stream_id(item.type)
+                if sid is not None:
+                    if sid <= after:
+                        continue  # delivered to the client already (on another host)
+                    after = self.after = None
             put(item)
         if limit is not None and hi == limit and s < limit:
             self.drop(limit - s)  # what is missing up to the limit will not come
@@ -205,6 +245,10 @@ class _HubCore:
         self.buffer = buffer
         self.overwrite = overflow is Overflow.OVERWRITE
         self.history: deque[Event] | None = deque(maxlen=history) if history else None
+        # The types of stream events that left the history (their ids), and how many
+        # more left it that are not remembered: see open_at_id.
+        self.forgotten: deque[str] = deque(maxlen=history * KEY_SPAN)
+        self.forgotten_more = 0
         self.latest: dict[str, Event] = {}
         self.feeds: dict[_FeedCore, None] = {}  # open and closing feeds, in opening order
         self.open_count = 0
@@ -237,10 +281,15 @@ class _HubCore:
             )
 
     # Opening feeds (lock held).
-    def open(self, buffer: int, since: int | None) -> _FeedCore:
+    def open(self, buffer: int, since: int | StreamId | None) -> _FeedCore:
         self.check_usable()
         if self.reason is not None or self.closing:
             raise StreamClosed(self.reason or StreamClosed.UNSUBSCRIBED, self.name)
+        if isinstance(since, tuple):
+            feed = self.open_at_id(buffer, since)
+            self.feeds[feed] = None
+            self.open_count += 1
+            return feed
         now = max(self.bus_version(), self.last)
         if since is None or since >= now:
             # Nothing missed: live from now (also an id from an earlier bus of this name).
@@ -258,6 +307,60 @@ class _HubCore:
         self.feeds[feed] = None
         self.open_count += 1
         return feed
+
+    def open_at_id(self, buffer: int, after: StreamId) -> _FeedCore:
+        """A feed resuming after stream id *after* (lock held).
+
+        The kept events from the first stream event after *after* on, then the live
+        ones; stream events up to *after* that come later (this host's bridge is
+        behind the host the client came from) are skipped. The stream events after
+        *after* that are no longer kept are its drops at once: exactly as many as
+        there were when the hub remembers an id at or before *after*; otherwise
+        (older than all it remembers, or before the hub began) an unknown number:
+        every stream event it no longer keeps, and at least one.
+        """
+        history = self.history
+        assert history is not None  # Hub.subscribe checks it
+        kept = list(history)
+        first = None
+        known = False  # an id at or before `after` is known: all that came since is too
+        for i, e in enumerate(kept):
+            sid = stream_id(e.type)
+            if sid is None:
+                continue
+            if sid <= after:
+                known = True
+            elif first is None:
+                first = i
+        missed = 0
+        for t in self.forgotten:
+            sid = stream_id(t)
+            if sid is not None and sid > after:
+                missed += 1
+            else:
+                known = True
+        if not known:
+            missed = max(1, missed + self.forgotten_more)
+        feed = _FeedCore(self, buffer, self.overwrite, self.last)
+        feed.after = after
+        if first is not None:
+            feed.seen = kept[first].version - 1
+            feed.take(kept[first:], kept[-1].version)
+            if self.last > feed.seen:  # lost by the hub's ring after its last kept event
+                feed.drop(self.last - feed.seen)
+                feed.seen = self.last
+        # else: live from the last event the hub received (those after it are on their way)
+        if missed:
+            feed.drop(missed)
+        return feed
+
+    def forget(self, old: Event) -> None:
+        """*old* leaves the history: remember its stream id if it has one (lock held)."""
+        if old.type.startswith(IN_PREFIX):
+            forgotten = self.forgotten
+            if len(forgotten) == forgotten.maxlen:
+                self.forgotten_more += 1
+            forgotten.append(old.type)
 
     def retire(self, feed: _FeedCore) -> None:
         """Take a feed out of the fan-out: no more input (lock held)."""
@@ -331,6 +434,8 @@ class _HubCore:
                 if type(item) is Event:
                     latest[item.type] = item
                     if history is not None:
+                        if len(history) == history.maxlen:
+                            self.forget(history[0])
                         history.append(item)
                 else:
                     self.accounted += 1  # a DecodeError: counted in sub.dropped too
@@ -606,7 +711,7 @@ class Hub:
         self._c = _HubCore(name, slots, codec, owner, buffer, policy, history)
         self._finalizer = weakref.finalize(self, self._c.close)
 
-    def subscribe(self, *, buffer: int | None = None, since: int | None = None) -> Feed:
+    def subscribe(self, *, buffer: int | None = None, since: int | str | None = None) -> Feed:
         """Open a feed: cheap, local, limited only by memory.
 
         Without *since* the feed gets the events published from now on. With
@@ -617,20 +722,32 @@ class Hub:
         missed, or an id from an earlier bus of this name) is the same as no
         *since*: the feed starts live and counts nothing.
 
+        With ``since="<ms>-<seq>"``, a Redis stream id (``remote(event).stream_id``
+        of an event a :mod:`shmcast.bridge` brought), it resumes in the stream's
+        order, which is the same on every host: the kept events from the first
+        stream event after that id on (and every event after it), then the live
+        ones, skipping stream events up to the id that arrive late. Stream events
+        after the id that are no longer kept count as its drops at once (exactly,
+        if the hub still knows an id at or before it; else at least one). Needs
+        ``history``; see docs/howto-bridge.md, "Resume on another host".
+
         :param buffer: events this feed holds before it drops (default: the hub's).
         :raises StreamClosed: if the hub has ended (closed, bus closed, publisher died).
         :raises ShmcastError: in a child process that inherited the hub by fork().
-        :raises ValueError: for a bad *buffer* or *since*.
+        :raises ValueError: for a bad *buffer* or *since*, or a stream id on a hub
+            without ``history``.
+        :raises TypeError: for a *since* that is no int, stream id or None.
         """
         core = self._c
         if buffer is None:
             buffer = core.buffer
         else:
             check_int("buffer", buffer, 1, MAX_BUFFER)
-        if since is not None:
-            since = _check_since(since)
+        at = None if since is None else _check_since(since)
+        if isinstance(at, tuple) and core.history is None:
+            raise ValueError("resuming by stream id (since=\"<ms>-<seq>\") needs Hub(history=N)")
         with core.lock:
-            feed = core.open(buffer, since)
+            feed = core.open(buffer, at)
         return Feed(self, feed)
 
     def latest(self, type: str) -> Event | None:

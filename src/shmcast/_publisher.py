@@ -34,10 +34,17 @@ from ._layout import (
     I_STATE,
     Q_END,
     Q_R,
+    RING_HEADER_SIZE,
+    SLOT_BODY_OFF,
+    SLOT_HEADER,
+    SLOT_HEADER_SIZE,
     STATE_CLOSED,
+    U64,
+    W_OFF,
     check_ring_header,
     control_size,
     ring_size,
+    slot_stride,
 )
 from ._names import (
     MAX_PUBLISHERS,
@@ -222,6 +229,13 @@ class _Sender:
         self._release()
         self._raise_unusable()
 
+    def position(self) -> tuple[int, int] | None:
+        """(place, write number) of the next event handed over, or None if not attached."""
+        writer = self.writer
+        if writer is None or self.place is None:
+            return None
+        return self.place, writer.w
+
     def dropped(self) -> int:
         """Events we could not hand over, plus, once the bus drains no more, those it left."""
         writer = self.writer
@@ -346,6 +360,48 @@ class Publisher:
         s = self._s
         with s.lock:
             return s.dropped()
+
+    # Internal, for shmcast.bridge (which must not read our attributes): a process
+    # that may be killed inside publish() notes _position before it, and after a
+    # restart asks _landed whether that event reached the inbox.
+    @property
+    def _position(self) -> tuple[int, int] | None:
+        """Internal: ``(place, w)``, where the next event handed over lands (write number
+        *w* of place *place*'s inbox), or None if this Publisher is not attached."""
+        s = self._s
+        with s.lock:
+            return s.position()
+
+    @staticmethod
+    def _landed(name: str, position: tuple[int, int], type: str | bytes) -> bool | None:
+        """Internal: did the publish noted at *position* (see :attr:`_position`) reach the
+        inbox, with an event of *type*? True, False, or None if it cannot be told (the bus
+        or the inbox is gone, or later writes of a new holder of the place went round the
+        ring since). Reads the inbox read-only, attaching to nothing."""
+        from ._inspect import read_geometry
+
+        place, w = position
+        tb = type if isinstance(type, bytes) else type.encode()
+        try:
+            g = read_geometry(name)
+            if not 0 <= place < g.max_publishers:
+                return None
+            size = ring_size(g.slots, g.slot_size)
+            with _ipc.open_readonly(inbox_name(name, g.nonce, place), size) as seg:
+                check_ring_header(seg.buf, seg.size, slots=g.slots, slot_size=g.slot_size,
+                                  nonce=g.nonce, ring_id=place)
+                w_now, = U64.unpack_from(seg.buf, W_OFF)
+                if w_now <= w:
+                    return False  # never written (a full inbox rejected it, or not reached)
+                off = RING_HEADER_SIZE + (w % g.slots) * slot_stride(g.slot_size)
+                seq, = U64.unpack_from(seg.buf, off)
+                if seq != 2 * w + 2:  # overwritten since (or torn): cannot tell
+                    return None
+                tlen = SLOT_HEADER.unpack_from(seg.buf, off + SLOT_BODY_OFF)[2]
+                start = off + SLOT_HEADER_SIZE
+                return bytes(seg.buf[start:start + tlen]) == tb
+        except (OSError, ShmcastError):
+            return None
 
     @property
     def closed(self) -> bool:

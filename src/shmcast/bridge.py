@@ -20,7 +20,10 @@ sent, within one ``epoch`` (a random number picked with the bridge's state).
 
 Local events from other hosts carry the stream id and the origin in their
 type: ``shmcast.in:<stream id>:<origin>:<type>`` (:func:`remote` takes it
-apart), and their payload bytes unchanged. Types beginning with ``shmcast.``
+apart), and their payload bytes unchanged. With ``echo``, this host's own
+entries come back the same way, so that every host's bus holds the whole
+stream in its order: :meth:`shmcast.Hub.subscribe` resumes by those ids
+(``since="<ms>-<seq>"``) on any host. Types beginning with ``shmcast.``
 are reserved for the bridge: they are never sent out. That is the loop
 prevention, and it is exact: an event the bridge published locally carries
 that prefix, one published by anyone else does not (unless they use the
@@ -69,9 +72,10 @@ from typing import Any
 
 from ._errors import ShmcastError, StreamClosed
 from ._event import Event
+from ._hub import IN_PREFIX as _HUB_IN_PREFIX
 
 RESERVED_PREFIX = "shmcast."
-IN_PREFIX = "shmcast.in:"
+IN_PREFIX = _HUB_IN_PREFIX  # the Hub resumes by the stream id these carry
 GAP_TYPE = "shmcast.gap"
 
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
@@ -284,33 +288,10 @@ class _State:
 
 
 def _was_handed(name: str, place: int, w: int, type_bytes: bytes) -> bool | None:
-    """Did the dead bridge's last publish reach its inbox? True, False, or None (cannot tell).
+    """Did the dead bridge's last publish reach its inbox? True, False, or None (cannot tell)."""
+    from ._publisher import Publisher
 
-    The publish wrote write number *w* of place *place*'s inbox if it got that
-    far: the slot holds it (seq 2w+2) with our type, unless later writes of a
-    new holder of the place went round the ring since.
-    """
-    from . import _inspect, _ipc
-    from ._layout import RING_HEADER_SIZE, slot_stride
-    from ._names import inbox_name
-
-    try:
-        g = _inspect.read_geometry(name)
-        counts = _inspect._read_inbox(g, name, place)
-        if isinstance(counts, str):
-            return None
-        w_now = counts[0]
-        if w_now <= w:
-            return False
-        with _ipc.open_readonly(inbox_name(name, g.nonce, place), RING_HEADER_SIZE) as seg:
-            off = RING_HEADER_SIZE + (w % g.slots) * slot_stride(g.slot_size)
-            seq, = struct.unpack_from("<Q", seg.buf, off)
-            if seq != 2 * w + 2:
-                return None
-            tlen, = struct.unpack_from("<H", seg.buf, off + 24)
-            return bytes(seg.buf[off + 32 : off + 32 + tlen]) == type_bytes
-    except (OSError, ShmcastError):
-        return None
+    return Publisher._landed(name, (place, w), type_bytes)
 
 
 # --------------------------------------------------------------------------- the bridge
@@ -328,7 +309,7 @@ class Stats:
     connected: bool = False
     last_id: str = "0-0"  #: the last stream id delivered (or skipped as our own)
     lag_ms: int = 0  #: how far (ms of stream ids) the last id is behind the stream's newest
-    events_in: int = 0  #: entries of other hosts published into the local bus
+    events_in: int = 0  #: entries of other hosts (with echo, ours too) published locally
     events_out: int = 0  #: local events appended to the stream
     duplicates: int = 0  #: entries skipped because already delivered (retried XADDs)
     gaps: int = 0  #: gap events published on the local bus
@@ -361,13 +342,20 @@ class Bridge:
         entries only) or ``"begin"`` (the whole stream).
     :param state_dir: where the state and status files live (:func:`default_state_dir`).
     :param codec: only for a bus with a custom codec (to encode gap events).
+    :param echo: ``in``/``both``: also publish this host's own entries into the local
+        bus as read back from the stream (``shmcast.in:<id>:<this host>:<type>``,
+        besides the events as published locally), so that every host's bus holds
+        the whole stream, in the stream's order, with its ids: what an SSE server
+        sends to clients that may resume on another host with
+        ``Hub.subscribe(since=<stream id>)``. See docs/howto-bridge.md.
     """
 
     def __init__(self, name: str, redis_url: str, *, stream: str | None = None,
                  direction: str = "both", host_id: str | None = None, maxlen: int = 100_000,
                  block_ms: int = 10, slots: int = 1024, start: str = "end",
                  state_dir: str | os.PathLike[str] | None = None, codec: object = None,
-                 connect_timeout: float = 2.0, backoff_max: float = 2.0) -> None:
+                 connect_timeout: float = 2.0, backoff_max: float = 2.0,
+                 echo: bool = False) -> None:
         from ._names import check_name
 
         check_name(name)
@@ -394,6 +382,7 @@ class Bridge:
         self.block_ms = block_ms if direction == "both" else max(block_ms, 500)
         self.slots = slots
         self.start_at = start
+        self.echo = bool(echo)
         self.codec = codec
         self.connect_timeout = connect_timeout
         self.backoff_max = backoff_max
@@ -804,8 +793,9 @@ class Bridge:
         for raw_id, flat in entries:
             fields = {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
             origin = fields.get(b"origin", b"").decode("utf-8", "replace")
-            own = origin == self.host or b"seq" not in fields or b"epoch" not in fields
-            parsed.append((_parse_id(raw_id), None if own else fields, origin))
+            skip = (origin == self.host and not self.echo) or b"seq" not in fields \
+                or b"epoch" not in fields
+            parsed.append((_parse_id(raw_id), None if skip else fields, origin))
         # The jumps at each origin's first entry of the batch: entries trimmed (or lost
         # with Redis) before we read them, all told by ONE gap event.
         first: dict[str, tuple[int, int, int]] = {}
@@ -869,11 +859,8 @@ class Bridge:
     def _mark_intent(self, type_b: bytes) -> None:
         """Write down where our next publish will land, so a restart can tell if it did."""
         st = self._st
-        s = self._pub._s  # the inbox position makes a restart exact: see _was_handed
-        writer = getattr(s, "writer", None)
-        place = getattr(s, "place", None)
-        st.intent_place = place if writer is not None and place is not None else -1
-        st.intent_w = writer.w if writer is not None else 0
+        at = self._pub._position  # the inbox position makes a restart exact: see _was_handed
+        st.intent_place, st.intent_w = at if at is not None else (-1, 0)
         st.intent_type = type_b if len(type_b) <= 255 else b""
 
     def _publish_in(self, ident: tuple[int, int], f: dict[bytes, bytes], origin: str,

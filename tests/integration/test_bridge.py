@@ -423,6 +423,116 @@ def test_trimmed_entries_are_one_counted_gap(hosts: Callable[[int], list[Host]],
     assert (st["gaps"], st["gap_events"]) == (1, counted["h1->h2"]), st
 
 
+def _stream_view(h: Host) -> list[tuple[str, str, int]]:
+    """The stream as host *h*'s bus holds it (with echo): (stream id, origin, index)."""
+    out = []
+    for e in list(h.events):
+        r = remote(e)
+        if r is not None and r.type == EV:
+            out.append((r.stream_id, r.origin, e.payload["i"]))
+    return out
+
+
+def _feed_view(feed: shmcast.Feed, n: int, timeout: float = 20) -> list[tuple[str, str, int]]:
+    """The first *n* stream events a feed hands out (local events among them are skipped)."""
+    got: list[tuple[str, str, int]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out with {len(got)} of {n} stream events: {got[-3:]}")
+        with contextlib.suppress(TimeoutError):
+            e = feed.get(timeout=left)
+            r = remote(e)
+            if r is not None and r.type == EV:
+                got.append((r.stream_id, r.origin, e.payload["i"]))
+    return got
+
+
+def _feed_rest(feed: shmcast.Feed, quiet: float = 0.5) -> list[tuple[str, str, int]]:
+    """Every stream event a feed hands out until it is quiet for *quiet* s."""
+    got: list[tuple[str, str, int]] = []
+    with contextlib.suppress(AssertionError):
+        while True:
+            got.extend(_feed_view(feed, 1, quiet))
+    return got
+
+
+def test_resume_on_another_host_by_stream_id(hosts: Callable[[int], list[Host]],
+                                            redis_server: RedisServer) -> None:
+    """Two hosts, bridges with echo: each bus holds the whole stream in one order with its
+    ids, so a client that saw stream id X on host a and reconnects to host b with it gets
+    exactly what it missed there; an id whose followers b's hub no longer keeps counts them."""
+    h1, h2 = hosts(2)
+    for h in (h1, h2):
+        h.thread_bridge = Bridge(h.name, redis_server.url, stream="s", host_id=h.id,
+                                 state_dir=h.state_dir, echo=True).start()
+    for h in (h1, h2):
+        h.wait_bridge()
+    with shmcast.Hub(h2.name, history=1000, buffer=1000) as hub, \
+            shmcast.Hub(h2.name, history=10, buffer=1000) as small:
+        for _ in range(40):
+            h1.publish()
+            h2.publish()
+        _wait(lambda: len(_stream_view(h1)) == len(_stream_view(h2)) == 80, 20,
+              "both hosts to hold the 80 entries")
+        a, b = _stream_view(h1), _stream_view(h2)
+        assert a == b, "the hosts hold the stream in different orders"
+        assert Counter(o for _, o, _ in a) == {"h1": 40, "h2": 40}
+        _wait(lambda: hub.version == small.version == h2.bus.version, 10, "b's hubs")
+
+        # The client saw a[29] on host a (an SSE id); it reconnects to host b.
+        client_id = a[29][0]
+        feed = hub.subscribe(since=client_id)
+        for _ in range(5):  # and it goes on live, both hosts publishing
+            h1.publish()
+            h2.publish()
+        _wait(lambda: len(_stream_view(h1)) == 90, 20, "the 10 more entries")
+        missed = _stream_view(h1)[30:]
+        assert _feed_view(feed, len(missed)) == missed
+        assert feed.dropped == 0
+        assert _feed_rest(feed) == []  # and nothing twice
+        assert feed.dropped == 0
+
+        # The hub with history=10 keeps fewer than 10 entries: an id 30 entries back is
+        # older than those (but among the ids it remembers): the rest is a gap, exactly.
+        _wait(lambda: small.version == h2.bus.version, 10, "b's small hub")
+        old = hub.subscribe(since="0-0")  # (the big hub's view, for the count below)
+        whole = _feed_view(old, 90)
+        assert whole == _stream_view(h2)
+        back = whole[59][0]
+        late = small.subscribe(since=back)
+        after = whole[60:]
+        kept = _feed_rest(late)
+        assert kept == after[len(after) - len(kept):], "not the newest entries"
+        assert 0 < len(kept) < len(after)
+        assert len(kept) + late.dropped == len(after), (len(kept), late.dropped, len(after))
+
+
+def test_publisher_tells_a_restart_whether_its_publish_landed(bus_name: str) -> None:
+    """What the bridge asks after a SIGKILL inside a publish, without reading our attributes."""
+    from shmcast import Publisher
+
+    with shmcast.Bus(bus_name, max_publishers=1, slots=8), Publisher(bus_name) as pub:
+        at = pub._position
+        assert at is not None
+        assert at[0] == 0
+        assert Publisher._landed(bus_name, at, "t") is False
+        pub.publish("t", 1)
+        assert Publisher._landed(bus_name, at, "t") is True
+        assert Publisher._landed(bus_name, at, b"other") is False
+        assert pub._position == (0, at[1] + 1)
+        def write_over() -> bool:  # later events go round the inbox: it cannot tell
+            pub.publish("u")  # (rejected while the owner's drain thread lags: then again)
+            return Publisher._landed(bus_name, at, "t") is None
+
+        _wait(write_over, 20, "the slot written over", 0.005)
+        now = pub._position
+        assert now is not None
+        assert now[1] >= at[1] + 8 + 1  # round the 8 slots since
+    assert Publisher._landed(bus_name, at, "t") is None  # the bus is gone
+
+
 # --------------------------------------------------------------------------- network namespaces
 
 

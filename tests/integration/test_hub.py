@@ -407,6 +407,74 @@ def test_resume_under_concurrent_publishing_has_no_hole_and_no_duplicate(bus_nam
             assert feed.dropped == 0
 
 
+def _sid(i: int) -> str:
+    """The type of stream entry *i*, as a bridge publishes it (shmcast.in:<id>:<origin>:<type>)."""
+    return f"shmcast.in:{1000 + i}-0:h1:ev"
+
+
+def test_resume_by_stream_id_delivers_what_was_missed_then_live(bus_name: str) -> None:
+    """since="<ms>-<seq>": from the first stream event after the id, local ones among them,
+    then live; stream events up to the id that arrive late (this host's bridge is behind
+    the client's host) are skipped, not delivered twice."""
+    with Bus(bus_name) as bus, Hub(bus_name, history=100, buffer=200) as hub:
+        for i in range(10):
+            bus.publish(_sid(i), i)
+            bus.publish("local", i)
+        wait_until(lambda: hub.version == 20, what="the hub to receive")
+        feed = hub.subscribe(since="1004-0")
+        got = [feed.get(timeout=5) for _ in range(10)]
+        assert [(e.type, e.payload) for e in got] == [
+            (t, i) for i in range(5, 10) for t in (_sid(i), "local")]
+        bus.publish(_sid(10), 10)
+        assert feed.get(timeout=5).type == _sid(10)
+        assert feed.dropped == 0
+        # An id this hub has not received yet: the entries up to it are skipped as they come.
+        ahead = hub.subscribe(since="1012-0")
+        for i in (11, 12, 13):
+            bus.publish(_sid(i), i)
+        assert ahead.get(timeout=5).type == _sid(13)
+        assert ahead.dropped == 0
+        # The newest id: nothing missed, live.
+        now = hub.subscribe(since="1013-0")
+        bus.publish(_sid(14), 14)
+        assert now.get(timeout=5).type == _sid(14)
+        assert now.dropped == 0
+        # Versions are untouched: since=20 still means bus version 20.
+        assert hub.subscribe(since=20).get(timeout=5).version == 21
+
+
+def test_resume_by_stream_id_past_the_history_counts_the_gap(bus_name: str) -> None:
+    """An id whose followers are no longer kept: they count as drops at once, exactly while
+    the hub remembers an id at or before it (KEY_SPAN x history ids), else at least one."""
+    from shmcast._hub import KEY_SPAN
+
+    with Bus(bus_name) as bus, Hub(bus_name, history=5) as hub:
+        total = 5 + 5 * KEY_SPAN + 10  # kept, remembered, forgotten altogether
+        for i in range(total):
+            bus.publish(_sid(i), i)
+        wait_until(lambda: hub.version == total, what="the hub to receive")
+        kept = list(range(total - 5, total))
+        for since in (total - 5 - 1, total - 10, 5 + 5 * KEY_SPAN - 5):
+            feed = hub.subscribe(since=f"{1000 + since}-0")
+            got = [feed.get(timeout=5).payload for _ in range(5)]
+            assert got == kept
+            # Exact: received + dropped == the entries after the id.
+            assert len(got) + feed.dropped == total - 1 - since, (since, feed.dropped)
+            feed.close()
+        # Older than every id the hub remembers: a gap of unknown size, every stream event
+        # the hub no longer keeps (never zero).
+        feed = hub.subscribe(since="1003-0")
+        assert [feed.get(timeout=5).payload for _ in range(5)] == kept
+        assert feed.dropped == total - 5
+        with Hub(bus_name, history=5) as fresh:  # received nothing yet: at least one
+            assert fresh.subscribe(since="1003-0").dropped == 1
+        with Hub(bus_name) as bare, pytest.raises(ValueError, match="history"):
+            bare.subscribe(since="1003-0")
+        for bad in ("abc", "7", "1-2-3", "1-", " 1-2"):
+            with pytest.raises(TypeError):
+                hub.subscribe(since=bad)
+
+
 def test_latest_is_kept_whatever_history_is(bus_name: str) -> None:
     with Bus(bus_name) as bus, Hub(bus_name) as hub:
         assert hub.latest("members") is None
