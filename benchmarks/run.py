@@ -829,6 +829,20 @@ def run_all(
     log: Callable[[str], None],
 ) -> None:
     rep = args.repeat
+    partial = ROOT / "benchmarks" / "results" / "tmp" / "partial.json"
+    started = time.monotonic()
+
+    def checkpoint(done: str) -> None:
+        """What is measured so far, for ``--render`` if the run must be stopped early."""
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        snap = dict(
+            results,
+            partial_after=done,
+            seconds=time.monotonic() - started,
+            loadavg_end=os.getloadavg(),
+        )
+        partial.write_text(json.dumps(snap, indent=1, default=str))
+
     if "throughput" in scenarios:
         log("== throughput")
         for size in plan.tp_sizes:
@@ -842,12 +856,21 @@ def run_all(
                 )
                 for name, res in cell.items():
                     results["throughput"].setdefault(name, {})[f"{size}/{n}"] = res
+        checkpoint("throughput")
     if "latency" in scenarios:
         log("== latency")
         for n in plan.lat_ns:
             cell = attempt_peers(f"N={n}", peers, lambda p, n=n: sc_latency(p, plan, n), rep, log)
             for name, res in cell.items():
                 results["latency"].setdefault(name, {})[str(n)] = res
+        checkpoint("latency")
+    if "floor" in scenarios:
+        log("== floor")
+        shm_ok = any(p.name == "shmcast" for p in peers)
+        results["floor"] = sc_floor(plan, args.json, shm_ok, plan.floor_ns)
+        for row in results["floor"]:
+            log(f"  {row}")
+        checkpoint("floor")
     if "stalled" in scenarios:
         # A fresh publisher process per peer, so heap growth is not absorbed by memory
         # freed in earlier scenarios; --quick stays in-process (it checks function only).
@@ -861,12 +884,7 @@ def run_all(
                 1,
                 log,
             )
-    if "floor" in scenarios:
-        log("== floor")
-        shm_ok = any(p.name == "shmcast" for p in peers)
-        results["floor"] = sc_floor(plan, args.json, shm_ok, plan.floor_ns)
-        for row in results["floor"]:
-            log(f"  {row}")
+        checkpoint("stalled")
     if "scaling" in scenarios:
         log("== scaling")
         results["scaling_floor_n"] = {
