@@ -94,7 +94,8 @@ def tables(res: dict[str, Any]) -> str:
     out: list[str] = []
     v = res["versions"]
     out.append(
-        f"Run {res['when']} on {res['machine']}; load average at start "
+        f"Run {res['when']} of commit {res.get('commit', 'unknown')} on {res['machine']}; "
+        "load average at start "
         f"{'/'.join(f'{x:.2f}' for x in res['loadavg_start'])}, at end "
         f"{'/'.join(f'{x:.2f}' for x in res.get('loadavg_end', (0, 0, 0)))}; "
         f"{res.get('seconds', 0):.0f} s in all.\n\n"

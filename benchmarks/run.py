@@ -731,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "loadavg_start": os.getloadavg(),
         "versions": versions(),
@@ -792,6 +793,22 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         log(f"FAILED CELLS: {failed}")
     return 1 if args.strict and (leaks or failed) else 0
+
+
+def _commit() -> str:
+    """The checkout's commit, with ``+changes`` when tracked files differ from it."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _shm_entries() -> list[str]:
