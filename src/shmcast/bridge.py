@@ -305,6 +305,7 @@ class Stats:
     host: str
     stream: str
     direction: str
+    echo: bool = False  #: own entries are published locally too, as read back
     pid: int = 0
     connected: bool = False
     last_id: str = "0-0"  #: the last stream id delivered (or skipped as our own)
@@ -390,7 +391,8 @@ class Bridge:
         base = f"bridge.{name}.{_slug(self.key)}"
         self.state_path = self.state_dir / f"{base}.state"
         self.status_path = self.state_dir / f"{base}.json"
-        self.stats = Stats(name=name, host=host, stream=self.key, direction=direction)
+        self.stats = Stats(name=name, host=host, stream=self.key, direction=direction,
+                           echo=self.echo)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: Any = None
@@ -992,7 +994,8 @@ def status_lines(name: str, state_dir: str | os.PathLike[str] | None = None) -> 
         state = ("connected" if s.get("connected") else "disconnected") if s["running"] \
             else "not running"
         lines.append(
-            f"bridge {s['host']} <-> {s['stream']} ({s['direction']}, pid {s['pid']}, {state}): "
+            f"bridge {s['host']} <-> {s['stream']} ({s['direction']}"
+            f"{', echo' if s.get('echo') else ''}, pid {s['pid']}, {state}): "
             f"in {s['events_in']}, out {s['events_out']}, lag {s['lag_ms']} ms, "
             f"gaps {s['gaps']} ({s['gap_events']} events), last id {s['last_id']}"
             + (f", error: {s['error']}" if s.get("error") else ""))

@@ -140,8 +140,16 @@ def _stat_json(info: _inspect.BusInfo) -> dict[str, Any]:
         places=[dict(dataclasses.asdict(s), status=s.status) for s in info.subscribers],
         publisher_places=[dict(dataclasses.asdict(p), status=p.status)
                           for p in info.publishers],
+        bridges=_bridges_json(info.name),
     )
     return out
+
+
+def _bridges_json(name: str) -> list[dict[str, Any]]:
+    """The bridges of this bus on this host (their status files), as ``stat`` lists them."""
+    from .bridge import read_status
+
+    return list(read_status(name))
 
 
 def _stat_text(info: _inspect.BusInfo) -> str:
@@ -406,7 +414,7 @@ def _bridge(args: argparse.Namespace) -> int:
     try:
         br = _br.Bridge(args.name, args.redis, stream=args.stream, direction=args.direction,
                         host_id=args.host_id, maxlen=args.maxlen, block_ms=args.block_ms,
-                        start=args.start, state_dir=args.state_dir)
+                        start=args.start, state_dir=args.state_dir, echo=args.echo)
     except ImportError as e:
         print(f"shmcast bridge: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -531,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "quiet stream (default 10); with in, the XREAD BLOCK time (500 at least)")
     br.add_argument("--start", choices=("end", "begin"), default="end",
                     help="where a bridge without saved state starts reading (default end)")
+    br.add_argument("--echo", action="store_true",
+                    help="also publish this host's own entries as read back from the stream "
+                         "(every host's bus then holds the whole stream in its order, with its "
+                         "ids, for Hub.subscribe(since=STREAM_ID) on any host)")
     br.add_argument("--state-dir", metavar="DIR",
                     help="state and status files (default $SHMCAST_RUN_DIR, "
                          "$XDG_RUNTIME_DIR/shmcast or /tmp/shmcast-UID)")

@@ -143,12 +143,13 @@ class Host:
 
     # The bridge as a process (killed and restarted by the tests) ...
     def start_bridge(self, url: str, stream: str, *, prefix: list[str] | None = None,
-                     maxlen: int = 100_000, direction: str = "both") -> None:
+                     maxlen: int = 100_000, direction: str = "both", echo: bool = False) -> None:
         log = open(self.state_dir / f"bridge-{self.id}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, "-m", "shmcast", "bridge", self.name,
              "--redis", url, "--stream", stream, "--host-id", self.id, "--maxlen", str(maxlen),
-             "--direction", direction, "--state-dir", str(self.state_dir)],
+             "--direction", direction, "--state-dir", str(self.state_dir),
+             *(["--echo"] if echo else [])],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -698,23 +699,33 @@ def test_bridge_ring_overflow_is_counted(hosts: Callable[[int], list[Host]],
 
 def test_cli_status_and_stat(hosts: Callable[[int], list[Host]], redis_server: RedisServer,
                              tmp_path: Path) -> None:
-    """``shmcast bridge NAME --status`` and ``shmcast stat NAME`` show the bridge's counters."""
+    """``shmcast bridge NAME --status`` and ``shmcast stat NAME`` (text and JSON) show the
+    bridge: connected, lag, gaps, events in and out; ``--echo`` brings our own events back."""
     (h1,) = hosts(1)
-    h1.start_bridge(redis_server.url, "s")
+    h1.start_bridge(redis_server.url, "s", echo=True)
     h1.wait_bridge()
     h1.publish(7)
-    _wait(lambda: h1.status().get("events_out") == 7, 10, "the 7 events out")
+    _wait(lambda: h1.status().get("events_out") == 7 and h1.status().get("events_in") == 7,
+          10, "the 7 events out and back in")
+    assert [i for o, i in (r[1:] for r in _stream_view(h1)) if o == "h1"] == list(range(7))
     env = dict(os.environ, SHMCAST_RUN_DIR=str(h1.state_dir))
     status = subprocess.run([sys.executable, "-m", "shmcast", "bridge", h1.name, "--status",
                              "--json"], capture_output=True, text=True, env=env, timeout=30,
                             check=True)
     (one,) = json.loads(status.stdout)
     assert one["running"] is True
-    assert (one["host"], one["events_out"], one["connected"]) == ("h1", 7, True)
+    assert (one["host"], one["events_out"], one["connected"], one["echo"]) == ("h1", 7, True, True)
     stat = subprocess.run([sys.executable, "-m", "shmcast", "stat", h1.name],
                           capture_output=True, text=True, env=env, timeout=30, check=True)
-    assert "bridge h1 <-> s (both" in stat.stdout, stat.stdout
-    assert "out 7," in stat.stdout, stat.stdout
+    assert "bridge h1 <-> s (both, echo, pid" in stat.stdout, stat.stdout
+    assert "connected): in 7, out 7, lag " in stat.stdout, stat.stdout
+    assert "gaps 0 (0 events)" in stat.stdout, stat.stdout
+    stat_json = subprocess.run([sys.executable, "-m", "shmcast", "stat", h1.name, "--json"],
+                               capture_output=True, text=True, env=env, timeout=30, check=True)
+    (listed,) = json.loads(stat_json.stdout)["bridges"]
+    assert {k: listed[k] for k in ("connected", "events_in", "events_out", "gaps")} == {
+        "connected": True, "events_in": 7, "events_out": 7, "gaps": 0}
+    assert listed["lag_ms"] >= 0
     h1.stop_bridge()
     after = subprocess.run([sys.executable, "-m", "shmcast", "bridge", h1.name, "--status"],
                            capture_output=True, text=True, env=env, timeout=30, check=True)
