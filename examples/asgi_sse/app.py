@@ -35,14 +35,25 @@ Rules of the stream (what a client may rely on):
 * When nothing was written for SHMCAST_KEEPALIVE seconds (default 15), the
   stream writes an SSE comment ``: keepalive``.
 
-``GET /`` is a page that shows the live topology; ``GET /healthz`` says which
-worker answered, with its hub's figures.
+``POST /publish`` publishes its body, a JSON object, as a ``message`` event
+from this worker, through the worker's one :class:`shmcast.Publisher` (made and
+closed with the hub, by the lifespan): every stream of every worker gets it,
+once, in the bus's one order. It answers as the gunicorn example does (see
+``../gunicorn_sse/app.py``): 202 and the event's type, the worker's pid and
+its publisher's drops; 400 for a body that is not a JSON object, 413 for one
+too large for the bus, 503 when the worker cannot publish now (the bus closed,
+its owner gone or stopped), 405 for another method. ``publish()`` never
+waits, so the handler calls it in the event loop.
+
+``GET /`` is a page that shows the live topology and posts messages; ``GET
+/healthz`` says which worker answered, with its hub's figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -52,7 +63,16 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from shmcast import BusNotFoundError, Hub, StreamClosed, TooManySubscribersError
+from shmcast import (
+    BusNotFoundError,
+    EventTooLargeError,
+    Hub,
+    Publisher,
+    ShmcastError,
+    StreamClosed,
+    TooManyPublishersError,
+    TooManySubscribersError,
+)
 
 BUS_NAME = os.environ.get("SHMCAST_BUS", "sse-demo")
 KEEPALIVE = float(os.environ.get("SHMCAST_KEEPALIVE", "15"))
@@ -61,7 +81,8 @@ HISTORY = int(os.environ.get("SHMCAST_HISTORY", "1024"))  # events kept for Last
 HUB_SLOTS = int(os.environ.get("SHMCAST_HUB_SLOTS", "128"))  # the hub's ring on the bus
 BATCH = 64  # events written at most in one go
 LAGGING = 0.05  # seconds after its publication an event is late
-# The page is the gunicorn example's: it only speaks to /events.
+MAX_BODY = 1 << 20  # bytes of a POST /publish body read at most; slot_size decides the rest
+# The page is the gunicorn example's: it only speaks to /events and /publish.
 INDEX_HTML = (Path(__file__).parent.parent / "gunicorn_sse" / "index.html").read_text("utf-8")
 logger = logging.getLogger("uvicorn.error")  # the worker sends it to gunicorn's error log
 
@@ -69,6 +90,8 @@ logger = logging.getLogger("uvicorn.error")  # the worker sends it to gunicorn's
 _streams: set[asyncio.Task] = set()
 _draining = asyncio.Event()
 _hub: Hub | None = None
+_pub: Publisher | None = None
+_exited = False
 
 
 def start_hub() -> Hub | None:
@@ -95,13 +118,38 @@ def drain() -> None:
         task.cancel()  # and a response blocked writing to a slow client
 
 
+def start_publisher() -> Publisher | None:
+    """This worker's publisher: made when the lifespan starts, again if it ended."""
+    global _pub  # noqa: PLW0603  (one publisher per worker process)
+    if _exited:
+        return None
+    if _pub is None or _pub.closed:
+        try:
+            _pub = Publisher(BUS_NAME)
+        except (BusNotFoundError, TooManyPublishersError) as exc:
+            logger.warning("shmcast: no publisher yet: %s", exc)
+            _pub = None
+    return _pub
+
+
+def stop_publisher() -> None:
+    """Give this worker's publisher place back, for good. Called when the lifespan ends."""
+    global _pub, _exited  # noqa: PLW0603
+    _exited = True
+    if _pub is not None:
+        _pub.close()
+        _pub = None
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app):
     start_hub()
+    start_publisher()
     try:
         yield
     finally:
         drain()
+        stop_publisher()
 
 
 # The SSE text of the last events, formatted once for all the streams of the worker.
@@ -271,6 +319,56 @@ async def events(request):
     return SSEResponse(*stream)
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def decode_object(body: bytes) -> dict:
+    """The body as a JSON object; ValueError for anything else."""
+    payload = json.loads(body, parse_constant=_not_json)  # a page's JSON.parse fails on NaN
+    if not isinstance(payload, dict):
+        raise ValueError(f"a JSON {type(payload).__name__}, not an object")
+    return payload
+
+
+async def read_body(request) -> bytes | None:
+    """The request body, or None if it is longer than MAX_BODY (read no further)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+    return bytes(body)
+
+
+async def publish(request):
+    pub = None if _draining.is_set() else start_publisher()
+    if pub is None:
+        return unavailable("worker stopping" if _draining.is_set() else
+                           f"cannot publish on {BUS_NAME!r} now")
+    body = await read_body(request)
+    if body is None:
+        return PlainTextResponse(f"the body is over {MAX_BODY} bytes\n", status_code=413)
+    try:
+        payload = decode_object(body)
+    except ValueError as exc:
+        return PlainTextResponse(f"the body must be a JSON object: {exc}\n", status_code=400)
+    before = pub.dropped
+    try:
+        pub.publish("message", payload)
+    except EventTooLargeError as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=413)
+    except ShmcastError as exc:  # the bus closed or its owner died
+        return unavailable(str(exc))
+    except ValueError as exc:  # a lone surrogate: JSON can say it, UTF-8 cannot
+        return PlainTextResponse(f"the body cannot be published: {exc}\n", status_code=400)
+    dropped = pub.dropped
+    if dropped > before:  # nothing ran in this worker between the two reads
+        return unavailable("the bus owner is not taking events now: dropped")
+    return JSONResponse({"type": "message", "worker": os.getpid(), "dropped": dropped},
+                        status_code=202)
+
+
 async def index(request):
     return HTMLResponse(INDEX_HTML)
 
@@ -287,6 +385,7 @@ app = Starlette(
         Route("/", index),
         Route("/events", events),
         Route("/healthz", healthz),
+        Route("/publish", publish, methods=["POST"]),
     ],
     lifespan=lifespan,
 )

@@ -11,8 +11,9 @@ executed here. Only the workers differ: ``sse_worker.DrainingUvicornWorker``
 (uvicorn workers from the ``uvicorn-worker`` package) that tell the app when
 they start to shut down (SIGTERM, SIGHUP reload, ``max_requests``
 recycling), so open SSE streams end at once instead of holding the worker for
-``graceful_timeout``. Each worker's :class:`shmcast.Hub` is made by the app's
-ASGI lifespan, not by a gunicorn hook.
+``graceful_timeout``. Each worker's :class:`shmcast.Hub` and
+:class:`shmcast.Publisher` are made by the app's ASGI lifespan, and closed
+when it ends, not by gunicorn hooks.
 """
 
 from __future__ import annotations
@@ -25,4 +26,4 @@ exec(compile(_MASTER_SIDE.read_text(), str(_MASTER_SIDE), "exec"))
 wsgi_app = "app:app"  # an ASGI app: the worker class serves it
 worker_class = "sse_worker.DrainingUvicornWorker"
 # The gthread-only settings and hooks of the WSGI example do not apply here.
-del threads, post_worker_init, worker_int  # noqa: F821
+del threads, post_worker_init, worker_int, worker_exit  # noqa: F821

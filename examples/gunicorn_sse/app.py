@@ -33,12 +33,29 @@ Rules of the stream (what a client may rely on):
   stream writes an SSE comment ``: keepalive``: it keeps proxies from timing
   out and finds dead clients.
 
-``GET /`` is a page that shows the live topology; ``GET /healthz`` says which
-worker answered, with its hub's figures.
+``POST /publish`` publishes its body, a JSON object, as a ``message`` event
+from this worker, through the worker's one :class:`shmcast.Publisher` (made by
+``start_publisher()`` from ``post_worker_init``, closed by ``worker_exit``):
+every stream of every worker gets it, once, in the bus's one order. The
+answers:
+
+* ``202`` and ``{"type": "message", "worker": <pid>, "dropped": <n>}``: the
+  bus has the event (``dropped``: events this worker could not hand over so
+  far). The bus gives it its version; the streams show it.
+* ``400``: the body is not a JSON object (NaN and Infinity are not JSON);
+  ``413``: it does not fit the bus's ``slot_size`` (or is over 1 MiB).
+* ``503`` (with ``Retry-After``): the worker cannot publish: the bus is closed,
+  its owner is gone, this worker is stopping, or the owner is not taking
+  events (stopped or far behind: the event was dropped, and counted).
+* ``405`` for any other method.
+
+``GET /`` is a page that shows the live topology and posts messages; ``GET
+/healthz`` says which worker answered, with its hub's figures.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -46,7 +63,16 @@ from pathlib import Path
 
 from flask import Flask, Response, jsonify, request
 
-from shmcast import BusNotFoundError, Hub, StreamClosed, TooManySubscribersError
+from shmcast import (
+    BusNotFoundError,
+    EventTooLargeError,
+    Hub,
+    Publisher,
+    ShmcastError,
+    StreamClosed,
+    TooManyPublishersError,
+    TooManySubscribersError,
+)
 
 BUS_NAME = os.environ.get("SHMCAST_BUS", "sse-demo")
 KEEPALIVE = float(os.environ.get("SHMCAST_KEEPALIVE", "15"))
@@ -55,9 +81,11 @@ HISTORY = int(os.environ.get("SHMCAST_HISTORY", "1024"))  # events kept for Last
 HUB_SLOTS = int(os.environ.get("SHMCAST_HUB_SLOTS", "128"))  # the hub's ring on the bus
 BATCH = 64  # events written at most in one go
 LAGGING = 0.05  # seconds after its publication an event is late
+MAX_BODY = 1 << 20  # bytes of a POST /publish body read at most; slot_size decides the rest
 INDEX_HTML = (Path(__file__).parent / "index.html").read_text(encoding="utf-8")
 
 app = Flask(__name__)
+app.config["MAX_CONTENT_LENGTH"] = MAX_BODY  # a longer body: 413 before it is read
 
 _hub_lock = threading.Lock()
 _hub: Hub | None = None
@@ -85,6 +113,34 @@ def drain() -> None:
         hub = _hub
     if hub is not None:
         hub.close()  # every feed ends: a get() blocked in another thread returns promptly
+
+
+_pub_lock = threading.Lock()
+_pub: Publisher | None = None
+
+
+def start_publisher() -> Publisher | None:
+    """This worker's publisher: made on first use (post_worker_init), again if it ended."""
+    global _pub  # noqa: PLW0603  (one publisher per worker process)
+    with _pub_lock:
+        if _draining.is_set():
+            return None
+        if _pub is None or _pub.closed:
+            try:
+                _pub = Publisher(BUS_NAME)
+            except (BusNotFoundError, TooManyPublishersError):
+                _pub = None
+        return _pub
+
+
+def stop_publisher() -> None:
+    """Give this worker's publisher place back, for good. Called when the worker exits."""
+    global _pub
+    _draining.set()
+    with _pub_lock:
+        pub, _pub = _pub, None
+    if pub is not None:
+        pub.close()
 
 
 # The SSE text of the last events, formatted once for all the streams of the worker.
@@ -216,6 +272,46 @@ def events():
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                  "X-Shmcast-Worker": str(os.getpid())},
     )
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def decode_object(body: bytes) -> dict:
+    """The body as a JSON object; ValueError for anything else."""
+    payload = json.loads(body, parse_constant=_not_json)  # a page's JSON.parse fails on NaN
+    if not isinstance(payload, dict):
+        raise ValueError(f"a JSON {type(payload).__name__}, not an object")
+    return payload
+
+
+@app.post("/publish")
+def publish():
+    pub = start_publisher()
+    if pub is None:
+        return unavailable("worker stopping" if _draining.is_set() else
+                           f"cannot publish on {BUS_NAME!r} now")
+    try:
+        payload = decode_object(request.get_data(cache=False))
+    except ValueError as exc:
+        return Response(f"the body must be a JSON object: {exc}\n", status=400)
+    try:
+        # The lock makes a drop seen here this request's: publish() never waits,
+        # so neither does the next request.
+        with _pub_lock:
+            before = pub.dropped
+            pub.publish("message", payload)
+            dropped = pub.dropped
+    except EventTooLargeError as exc:
+        return Response(f"{exc}\n", status=413)
+    except ShmcastError as exc:  # the bus closed or its owner died
+        return unavailable(str(exc))
+    except ValueError as exc:  # a lone surrogate: JSON can say it, UTF-8 cannot
+        return Response(f"the body cannot be published: {exc}\n", status=400)
+    if dropped > before:
+        return unavailable("the bus owner is not taking events now: dropped")
+    return jsonify(type="message", worker=os.getpid(), dropped=dropped), 202
 
 
 @app.get("/")

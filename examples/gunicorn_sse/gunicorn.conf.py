@@ -5,16 +5,21 @@ Run from this directory:
     SHMCAST_BUS=sse-demo gunicorn -c gunicorn.conf.py
 
 * ``when_ready`` (master, once the listeners are bound, before the first
-  worker is forked) creates the bus and starts a background thread that
-  publishes ``members`` (the topology snapshot) and ``heartbeat`` events.
+  worker is forked) creates the bus, with room for the workers' publishers,
+  and starts a background thread that publishes ``members`` (the topology
+  snapshot) and ``heartbeat`` events. The bus's own drain thread publishes
+  what the workers hand it (``POST /publish``), in the same order for all.
 * ``on_exit`` (master, after every worker has stopped) stops the thread and
   closes the bus, which removes everything it created in /dev/shm.
 * ``post_worker_init`` (each worker, after it loaded the app) makes the
   worker's one :class:`shmcast.Hub`, its only subscriber of the bus, which
-  every SSE request reads a feed of; and tells the app when the worker starts
-  to shut down (SIGTERM, SIGHUP reload, ``max_requests`` recycling) so that
-  open SSE streams end at once instead of holding the worker for
+  every SSE request reads a feed of, and its one :class:`shmcast.Publisher`,
+  which ``POST /publish`` publishes with; and tells the app when the worker
+  starts to shut down (SIGTERM, SIGHUP reload, ``max_requests`` recycling) so
+  that open SSE streams end at once instead of holding the worker for
   ``graceful_timeout``.
+* ``worker_exit`` (each worker, as it exits) closes its publisher: its place
+  on the bus frees at once (within a second of a worker's death anyway).
 
 Everything the hooks share lives on the arbiter object (``server``), not in
 this module: a SIGHUP reload executes this file again as a new module, and the
@@ -30,6 +35,8 @@ Settings read from the environment (gunicorn's own settings, ``-b``, ``-w``,
     SHMCAST_PAD              bytes of padding added to each snapshot 0
     SHMCAST_MAX_SUBSCRIBERS  places on the bus: one per worker's hub
                              (and any ``shmcast tail``)            64
+    SHMCAST_MAX_PUBLISHERS   publisher places: one per worker, twice
+                             over for a reload's overlap     2 x workers (4 at least)
     SHMCAST_KEEPALIVE        idle seconds before a worker writes an SSE comment
                              (read by the app, as the next three)  15
     SHMCAST_BUFFER           events one stream may fall behind     64
@@ -64,6 +71,7 @@ CHURN = float(os.environ.get("SHMCAST_CHURN", "2.0"))
 KEYFRAME = float(os.environ.get("SHMCAST_KEYFRAME", "5.0"))
 PAD = int(os.environ.get("SHMCAST_PAD", "0"))
 MAX_SUBSCRIBERS = int(os.environ.get("SHMCAST_MAX_SUBSCRIBERS", "64"))
+MAX_PUBLISHERS = int(os.environ.get("SHMCAST_MAX_PUBLISHERS", "0"))  # 0: from the workers
 # A repair (republishing the snapshot because a worker's hub joined or lost
 # events) happens at most this often.
 REPAIR_MIN_INTERVAL = 0.2
@@ -193,6 +201,9 @@ def when_ready(server):
         slots=64,  # the default ring; each worker's hub asks for SHMCAST_HUB_SLOTS
         slot_size=max(16384, PAD + 8192),  # the largest event
         max_subscribers=MAX_SUBSCRIBERS,  # hubs (one per worker) and tools
+        # One Publisher per worker; during a SIGHUP reload or max_requests
+        # recycling the old workers' places are still held as the new ones boot.
+        max_publishers=MAX_PUBLISHERS or min(64, max(4, 2 * server.cfg.workers)),
     )
     publisher = TopologyPublisher(server, bus)
     server.shmcast_bus = bus
@@ -217,6 +228,7 @@ def post_worker_init(worker):
     import app as app_module  # the module wsgi_app names, already imported
 
     app_module.start_hub()  # the worker's one subscriber; /events retries if it failed
+    app_module.start_publisher()  # and its one publisher; POST /publish retries likewise
 
     def watch() -> None:
         # worker.alive turns False on SIGTERM, SIGHUP reload (the master
@@ -232,3 +244,9 @@ def worker_int(worker):  # SIGINT / SIGQUIT: quick exit
     import app as app_module
 
     app_module.drain()
+
+
+def worker_exit(server, worker):  # in the worker, once it stopped serving
+    import app as app_module
+
+    app_module.stop_publisher()

@@ -271,6 +271,7 @@ class SSEClient(threading.Thread):
         self.comments: list[tuple[int, str]] = []
         self.ends: list[tuple[int, str]] = []  # (conn, how the stream ended)
         self.sent_ids: dict[int, int] = {}  # conn: the Last-Event-ID it sent
+        self.workers: dict[int, int] = {}  # conn: the pid of the worker that served it
         self.conns = 0
         self._halt = threading.Event()
 
@@ -293,6 +294,7 @@ class SSEClient(threading.Thread):
                             self.ends.append((conn, f"status {response.status_code}"))
                             time.sleep(0.1)
                             continue
+                        self.workers[conn] = int(response.headers["x-shmcast-worker"])
                         for line in response.iter_lines():
                             parser.feed(
                                 line,
@@ -310,8 +312,12 @@ class SSEClient(threading.Thread):
                     break
                 time.sleep(0.05)
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Ask the thread to stop at the next line it reads (stop() waits for it)."""
         self._halt.set()
+
+    def stop(self) -> None:
+        self.halt()
         self.join(timeout=10)
         assert not self.is_alive(), "SSE client thread did not stop"
 
@@ -772,3 +778,171 @@ def scenario_resume_on_another_worker(example: str, bus: str, tmp_path: Path) ->
     for e in [*first, *resumed, *healed, *fresh[1:]]:
         if e.id in seen:
             assert seen[e.id] == (e.type, e.data), e.id
+
+
+def post_publish(client, url: str, body: bytes | str, method: str = "POST"):
+    """One request to /publish on a new connection (so any worker may take it)."""
+    return client.request(method, url + "/publish", content=body, timeout=5,
+                          headers={"Content-Type": "application/json", "Connection": "close"})
+
+
+def stop_clients(clients: list[SSEClient]) -> None:
+    for client in clients:
+        client.halt()  # all at once: each ends at its next line
+    for client in clients:
+        client.stop()
+
+
+def streams_on_every_worker(server: Gunicorn, per_worker: int = 2,
+                            tries: int = 100) -> list[SSEClient]:
+    """SSE clients, *per_worker* streams held by each worker.
+
+    A new connection goes to whichever worker accepts it first, often the same
+    one: the streams one worker has too many of are closed at once (a gthread
+    worker has a thread for each)."""
+    kept: list[SSEClient] = []
+    extra: list[SSEClient] = []
+    pids = server.worker_pids()
+    try:
+        for _ in range(tries):
+            held = [c.workers[0] for c in kept]
+            if all(held.count(pid) >= per_worker for pid in pids):
+                return kept
+            client = SSEClient(server.url, reconnect=False)
+            client.start()
+            client.wait_events(1, timeout=10)  # the header came before the first event
+            if held.count(client.workers[0]) < per_worker:
+                kept.append(client)
+            else:
+                client.halt()
+                extra.append(client)
+        raise AssertionError(f"{tries} streams, and not {per_worker} on each of workers {pids}")
+    except BaseException:
+        stop_clients(kept)
+        raise
+    finally:
+        stop_clients(extra)
+
+
+def scenario_publish_from_workers(example: str, bus: str, tmp_path: Path) -> None:
+    """POST /publish to any worker: the event reaches the streams of every worker,
+    the one that took the request and the others, exactly once, the body intact,
+    with one version for all and each worker's events in the order it took them.
+    A body that is not a JSON object (or does not fit the bus) publishes nothing
+    and is told so; other methods are refused."""
+    bodies = [
+        {"text": f"hello {i}\nsecond line, «ünïcode» ✓", "i": i,
+         "nested": {"list": [1, 2.5, None, True, "x" * 37 * i]}}
+        for i in range(8)
+    ]
+    # not an object, not JSON, NaN (a page's JSON.parse refuses it), a lone
+    # surrogate (JSON, but no UTF-8), not UTF-8
+    bad = [b"[1, 2]", b'"text"', b"not json", b"", b'{"a": NaN}', rb'{"a": "\ud800"}',
+           b'{"a": "\xff"}']
+    import httpx
+
+    with Gunicorn(example, bus, tmp_path, workers=3) as server, httpx.Client() as http:
+        workers = server.worker_pids()
+        clients = streams_on_every_worker(server)
+        try:
+            answers = []
+            for body in bodies:
+                r = post_publish(http, server.url, json.dumps(body, ensure_ascii=False).encode())
+                assert r.status_code == 202, (r.status_code, r.text)
+                answers.append(r.json())
+            refused = [post_publish(http, server.url, body) for body in bad]
+            too_large = post_publish(http, server.url, json.dumps({"pad": "x" * 20_000}))
+            wrong_method = post_publish(http, server.url, b"", method="GET")
+            t_bad = time.time()
+            # Anything published by now has been drained: a heartbeat the master
+            # publishes later comes after it in every stream.
+            for client in clients:
+                client.wait_events(1, timeout=10, where=lambda e: e.type == "heartbeat"
+                                   and e.json()["ts"] > t_bad + 0.3)
+        finally:
+            stop_clients(clients)
+        assert_quick_stop(server)
+    assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
+
+    assert [r.status_code for r in refused] == [400] * len(bad), [r.text for r in refused]
+    assert too_large.status_code == 413, too_large.text
+    assert wrong_method.status_code == 405
+    assert all(a["type"] == "message" and a["dropped"] == 0 for a in answers), answers
+    posters = [a["worker"] for a in answers]
+    holders = {c.workers[0] for c in clients}
+    assert holders == workers, (holders, workers)
+    versions: dict[int, int] = {}  # body index: its version, the same at every stream
+    for client in clients:
+        check_stream(client.events, allow_gaps=False)
+        messages = [e for e in client.events if e.type == "message"]
+        got = [e.json() for e in messages]
+        assert sorted(got, key=lambda b: b["i"]) == bodies, (  # each once, intact
+            client.workers[0], [b.get("i") for b in got])
+        for e in messages:
+            assert versions.setdefault(e.json()["i"], e.id) == e.id, (e.json()["i"], e.id)
+        for worker in set(posters):  # each worker's events in the order it took them
+            mine = [b["i"] for b in got if posters[b["i"]] == worker]
+            assert mine == sorted(mine), (worker, mine)
+    # So each event reached the streams of the worker that published it and those
+    # of the two others.
+    assert set(posters) <= workers, (posters, workers)
+
+
+def scenario_publish_while_the_master_is_stopped(example: str, bus: str, tmp_path: Path) -> None:
+    """With the master (the bus owner) SIGSTOPped, POST /publish still answers at once:
+    202 while the worker's inbox has room, then 503 (dropped, counted); after SIGCONT
+    every stream gets exactly the accepted events, in order, and posts succeed again."""
+    import httpx
+
+    env = {"SHMCAST_BUFFER": "512"}  # room for the accepted events, delivered in one burst
+    with Gunicorn(example, bus, tmp_path, env=env) as server, httpx.Client() as http:
+        clients = streams_on_every_worker(server, per_worker=1)
+        stopped = False
+        try:
+            server.send_signal(signal.SIGSTOP)
+            stopped = True
+            answers = []
+            slowest = 0.0
+            # One kept-alive connection: one worker's publisher, one inbox to fill.
+            for i in range(200):
+                t = time.monotonic()
+                r = http.post(server.url + "/publish", json={"i": i}, timeout=5)
+                slowest = max(slowest, time.monotonic() - t)
+                answers.append(r)
+                if r.status_code == 503:
+                    break
+            server.send_signal(signal.SIGCONT)
+            stopped = False
+            accepted = sum(r.status_code == 202 for r in answers)
+            for client in clients:  # the bus takes what the inbox holds
+                client.wait_events(accepted, timeout=10, where=lambda e: e.type == "message")
+
+            def taken():
+                # The inbox has room again once the master's drain thread marked those
+                # events read, which may come just after they reached the streams.
+                r = post_publish(http, server.url, b'{"i": "after"}')
+                return r if r.status_code != 503 else None
+
+            after = wait_until(taken, 5, "POST /publish to be taken again", POLL)
+            for client in clients:
+                client.wait_events(1, timeout=10, where=lambda e: e.type == "message"
+                                   and e.json()["i"] == "after")
+        finally:
+            if stopped:
+                server.send_signal(signal.SIGCONT)
+            stop_clients(clients)
+        assert_quick_stop(server)
+    assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
+
+    codes = [r.status_code for r in answers]
+    assert 503 in codes, f"{len(codes)} events accepted with the master stopped"
+    assert codes == [202] * accepted + [503], codes  # then the inbox was full: 64 slots
+    assert accepted >= 32, codes
+    assert "dropped" in answers[-1].text, answers[-1].text
+    assert len({r.json()["worker"] for r in answers[:accepted]}) == 1
+    assert slowest < 2.0, f"a POST took {slowest:.2f} s with the master stopped"
+    assert after.status_code == 202, (after.status_code, after.text)
+    for client in clients:
+        check_stream(client.events, allow_gaps=False)
+        got = [e.json()["i"] for e in client.events if e.type == "message"]
+        assert got == [*range(accepted), "after"], (client.workers[0], got)

@@ -46,3 +46,13 @@ def test_endpoints_snapshot_on_connect_and_keepalive_comments(bus_name, tmp_path
 @pytest.mark.timeout(60)
 def test_reconnect_with_last_event_id_to_another_worker(bus_name, tmp_path):
     web.scenario_resume_on_another_worker(EXAMPLE, bus_name, tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_post_publish_reaches_the_streams_of_every_worker(bus_name, tmp_path):
+    web.scenario_publish_from_workers(EXAMPLE, bus_name, tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_post_publish_with_the_master_stopped_never_waits(bus_name, tmp_path):
+    web.scenario_publish_while_the_master_is_stopped(EXAMPLE, bus_name, tmp_path)

@@ -4,7 +4,8 @@ The page keeps an EventSource open, so Chromium's one-shot modes
 (--dump-dom, --screenshot) never see it "done"; the test drives Chromium over
 the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages ended
 by NUL on fds 3 and 4, no network port, no extra package), waits until the DOM
-shows a snapshot and heartbeats, and takes a screenshot.
+shows a snapshot and heartbeats, submits the page's publish form and waits for
+the message to come back on the stream, and takes a screenshot.
 
 Without Chromium the test skips, except under CI (``CI`` set), where it fails.
 """
@@ -142,10 +143,17 @@ PAGE_STATE = """(() => {
   return {
     status: t("status"), snapshots: Number(t("snapshots")), heartbeats: Number(t("heartbeats")),
     version: t("version"), master: t("master"),
+    messages: Number(t("messages")), posted: t("posted"),
     workers: [...document.querySelectorAll("#workers tr")].map((r) => r.cells[0].textContent),
     nodes: [...document.querySelectorAll("#nodes tr")].map((r) => r.cells[0].textContent),
-    log: t("log").split("\\n").filter(Boolean).length,
+    log: t("log").split("\\n").filter(Boolean),
   };
+})()"""
+
+
+SUBMIT = """(() => {
+  document.getElementById("body").value = '{"text": "from the browser ✓"}';
+  document.querySelector("#publish button").click();
 })()"""
 
 
@@ -178,6 +186,13 @@ def test_live_page_renders_events(bus_name, tmp_path):
                 return s if ok else None
 
             page = wait_until(rendered, 20, "the page to show a snapshot and heartbeats", 0.2)
+            browser.call("Runtime.evaluate", {"expression": SUBMIT}, session)
+
+            def published():
+                s = state()
+                return s if s and s["messages"] >= 1 and s["posted"] else None
+
+            posted = wait_until(published, 10, "the posted message on the page", 0.2)
             shot = browser.call("Page.captureScreenshot", {"format": "png"}, session)
             png = base64.b64decode(shot["data"])
             (tmp_path / "page.png").write_bytes(png)  # kept in pytest's basetemp
@@ -189,6 +204,11 @@ def test_live_page_renders_events(bus_name, tmp_path):
         assert sorted(page["workers"]) == sorted(str(p) for p in server.worker_pids())
         assert page["nodes"] == [f"node-{c}" for c in "abcde"]
         assert int(page["version"]) > 5
-        assert page["log"] >= 6
+        assert len(page["log"]) >= 6
+        assert posted["posted"].startswith("202, worker "), posted["posted"]
+        assert int(posted["posted"].split()[-1]) in server.worker_pids()
+        assert posted["messages"] == 1
+        assert any(line.endswith(' message {"text":"from the browser ✓"}')
+                   for line in posted["log"]), posted["log"][:3]
         assert server.stop() < 5
     assert bus_entries(bus_name) == []
