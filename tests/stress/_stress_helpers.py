@@ -12,6 +12,7 @@ test's own bus name.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import resource
 import signal
@@ -19,6 +20,8 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 from _support import (
     DEV_SHM,
@@ -155,6 +158,22 @@ def stop_self() -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
+def _load_publisher_roles() -> ModuleType:
+    """tests/integration/_publisher_roles.py, loaded by path: its checksummed events
+    are the stress tier's too, and that directory is not on this tier's sys.path."""
+    path = Path(__file__).resolve().parents[1] / "integration" / "_publisher_roles.py"
+    spec = importlib.util.spec_from_file_location("_stress_publisher_roles", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# make_event(src, i, rnd, body_max) and parse_event(data) -> (src, i, intact).
+publisher_roles = _load_publisher_roles()
+
+
 __all__ = [
     "CONFINED_AS_HEADROOM",
     "CONFINED_FSIZE",
@@ -163,6 +182,7 @@ __all__ = [
     "Children",
     "confine",
     "fork_child",
+    "publisher_roles",
     "remove_bus_entries",
     "run_confined",
     "stop_self",

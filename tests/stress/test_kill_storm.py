@@ -12,6 +12,12 @@ increasing stream whose received + dropped equals what was published while
 they were subscribed; publish stays fast; a freed place can be taken again;
 a new bus of the same name can be created; and once everyone is closed
 nothing of the bus is left in /dev/shm.
+
+``Publisher`` processes get the same treatment (the Publisher storm): killed
+at random points of a tight publish loop (some SIGSTOPped first, some while
+still attaching) while the owner and a steady publisher go on. Events carry a
+checksum of their body; the accounting is exact per publisher, from the
+counts its place shows after its death (as ``shmcast stat`` reads them).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from _stress_helpers import (
     DEV_SHM,
     Children,
     bus_entries,
+    publisher_roles,
     remove_bus_entries,
     stop_self,
     wait_stopped,
@@ -41,12 +48,15 @@ from _stress_helpers import (
 from shmcast import (
     Bus,
     BusExistsError,
+    Publisher,
     ShmcastError,
     StreamClosed,
+    TooManyPublishersError,
     TooManySubscribersError,
+    _inspect,
     subscribe,
 )
-from shmcast._layout import ENTRY, entry_offset, read_entry
+from shmcast._layout import ENTRY, RING_HEADER_SIZE, entry_offset, read_entry
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -60,6 +70,9 @@ STORM_SHORT = int(os.environ.get("SHMCAST_STORM_SHORT", "40"))
 # 0.5 s), so each publisher iteration costs about half a second.
 PUB_STORM_SHORT = int(os.environ.get("SHMCAST_PUB_STORM_SHORT", "12"))
 STORM_LONG = int(os.environ.get("SHMCAST_STORM_LONG", "600"))
+SENDER_STORM_SHORT = int(os.environ.get("SHMCAST_SENDER_STORM_SHORT", "16"))
+# A dead Publisher's place frees within 1 s (the contract); the rest absorbs a loaded host.
+PLACE_BOUND = 1.5
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -644,6 +657,273 @@ def _publisher_storm(name: str, iterations: int, seed: int) -> dict:
     return stats
 
 
+# ----------------------------------------------------------------------------- Publisher storm
+
+
+def _park_inside_inbox_write(pub: Publisher) -> None:
+    """In a child: make *pub*'s next write leave its inbox slot as a writer killed
+    there would (seq odd, half the head copied, w not moved), then SIGSTOP."""
+    real = pub._s.writer
+    assert real is not None
+
+    class Parked:
+        @property
+        def w(self) -> int:
+            return real.w
+
+        @property
+        def rejected(self) -> int:
+            return real.rejected
+
+        def write(self, head: bytes, tail: bytes) -> None:
+            off = RING_HEADER_SIZE + (real.w % real.slots) * real.stride
+            q = real.buf.cast("Q")
+            q[off // 8] = 2 * real.w + 1
+            q.release()
+            real.buf[off + 8 : off + 8 + len(head) // 2] = head[: len(head) // 2]
+            stop_self()
+
+    pub._s.writer = Parked()  # type: ignore[assignment]
+
+
+def test_publisher_process_killed_inside_an_inbox_write(bus_name):
+    rnd = random.Random(5)
+    events = [publisher_roles.make_event(2, i, rnd, SENDER_BODY) for i in range(6)]
+    with Children() as kids, Bus(bus_name, slots=8, slot_size=128, codec="raw",
+                                 max_publishers=1) as bus, \
+            subscribe(bus_name, slots=64) as sub:
+
+        def body() -> int:
+            pub = Publisher(bus_name)
+            for event in events[:3]:
+                pub.publish("e", event)
+            _park_inside_inbox_write(pub)
+            pub.publish("e", events[3])  # stops inside the slot write
+            return 1
+
+        pid = kids.fork(body)
+        wait_stopped(pid)
+        wait_until(lambda: bus.version == 3, 5, "the drain thread to publish the 3 whole events")
+        bus.publish("e", publisher_roles.make_event(OWNER_SRC, 0, rnd, SENDER_BODY))  # goes on
+        assert kids.kill(pid) == KILLED
+        wait_until(lambda: bus.publisher_count == 0, PLACE_BOUND, "the place to free")
+        (info,) = _inspect.read_bus(bus_name).publishers
+        assert (info.pid, info.status, info.sent, info.dropped, info.pending) == (
+            pid, "dead", 3, 0, 0)
+        # The next holder of the place writes over the torn slot and is delivered.
+        with Publisher(bus_name) as pub:
+            for event in events[4:]:
+                pub.publish("e", event)
+            wait_until(lambda: bus.version == 6, 5, "the new publisher's events")
+            assert pub.dropped == 0
+        bus.close()
+        got, end = _read_to_end(sub)
+    assert end.reason == StreamClosed.BUS_CLOSED
+    assert [ev.version for ev in got] == [1, 2, 3, 4, 5, 6]
+    seen = [publisher_roles.parse_event(ev.data) for ev in got]
+    assert seen == [(2, 0, True), (2, 1, True), (2, 2, True), (OWNER_SRC, 0, True),
+                    (2, 4, True), (2, 5, True)]
+    assert bus_entries(bus_name) == []
+
+SENDER_BODY = 64  # body bytes at most: an event is 14 + 64 bytes, in 128-byte slots
+OWNER_SRC, STEADY_SRC = 0, 1
+
+
+def _sender(name: str, src: int, pipe: Pipe, pace: int) -> int:
+    """Child: attach a Publisher, say ready, publish checksummed events until SIGUSR1
+    (or, for a victim, until killed), then report what it gave and what dropped."""
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+    rnd = random.Random(src)
+    pub = Publisher(name)
+    pipe.send({"ready": os.getpid()})
+    i = 0
+    worst = 0.0
+    perf = time.perf_counter
+    while not stop:
+        event = publisher_roles.make_event(src, i, rnd, SENDER_BODY)
+        t = perf()
+        pub.publish("e", event)
+        worst = max(worst, perf() - t)
+        i += 1
+        if pace and i % pace == 0:
+            time.sleep(0.001)
+    pipe.send({"count": i, "dropped": pub.dropped, "worst": worst})
+    pub.close()
+    return 0
+
+
+class _Seen:
+    """Every event one in-process subscriber got, checked as it is read."""
+
+    def __init__(self, sub: Any) -> None:
+        self.sub = sub
+        self.events: dict[int, list[int]] = {}  # source -> indices, in the order read
+        self.version_of: dict[tuple[int, int], int] = {}
+        self.last = 0
+        self.n = 0
+
+    def take(self, ev: Any) -> None:
+        assert ev.version > self.last, (ev.version, self.last)
+        self.last = ev.version
+        src, i, intact = publisher_roles.parse_event(ev.data)
+        assert intact, f"v{ev.version}: torn event {ev.data[:32]!r}"
+        self.events.setdefault(src, []).append(i)
+        self.version_of[(src, i)] = ev.version
+        self.n += 1
+
+    def read_ready(self) -> None:
+        while True:
+            try:
+                ev = self.sub.get(timeout=0)
+            except TimeoutError:
+                return
+            self.take(ev)
+
+    def read_to_end(self) -> str:
+        got, end = _read_to_end(self.sub)
+        for ev in got:
+            self.take(ev)
+        return end.reason
+
+
+def _sender_storm(name: str, iterations: int, seed: int) -> dict:
+    """Publisher processes killed at random points of publishing while others go on."""
+    rng = random.Random(seed)
+    victims_at_once = 2
+    stats = {"kills": 0, "stopped_first": 0, "while_attaching": 0, "victim_events": 0,
+             "victim_dropped": 0, "worst_place_free": 0.0, "worst_owner_publish": 0.0}
+    pipes: list[Pipe] = []
+    victims: dict[int, tuple[int, int]] = {}  # src -> (events that got a version, dropped)
+    owner_events = 0
+    with Children() as kids:
+        try:
+            bus = Bus(name, slots=64, slot_size=128, codec="raw",
+                      max_publishers=1 + victims_at_once)
+            exact = _Seen(subscribe(name, slots=1 << 15))  # never drops in this storm
+            small = _Seen(subscribe(name, slots=32))  # drops, counted
+            owner_rnd = random.Random(seed)
+
+            def owner_publish(n: int) -> None:
+                nonlocal owner_events
+                for _ in range(n):
+                    event = publisher_roles.make_event(OWNER_SRC, owner_events, owner_rnd,
+                                                       SENDER_BODY)
+                    t0 = time.monotonic()
+                    bus.publish("e", event)
+                    dt = time.monotonic() - t0
+                    stats["worst_owner_publish"] = max(stats["worst_owner_publish"], dt)
+                    assert dt < PUBLISH_BOUND, f"the owner's publish took {dt:.3f}s"
+                    owner_events += 1
+
+            def start(src: int, pace: int, ready: bool = True) -> tuple[int, Pipe]:
+                pipe = Pipe()
+                pipes.append(pipe)
+                pid = kids.fork(lambda: _sender(name, src, pipe, pace))
+                if ready:
+                    assert "ready" in pipe.recv(), pid
+                return pid, pipe
+
+            steady_pid, steady_pipe = start(STEADY_SRC, pace=5)
+            next_src = STEADY_SRC + 1
+            for _ in range(iterations):
+                batch = []
+                for _ in range(rng.randint(1, victims_at_once)):
+                    attaching = rng.random() < 0.1
+                    pid, pipe = start(next_src, pace=0, ready=not attaching)
+                    batch.append((next_src, pid, pipe, attaching))
+                    next_src += 1
+                if not any(attaching for *_, attaching in batch):
+                    assert bus.publisher_count == 1 + len(batch)
+                    if len(batch) == victims_at_once:
+                        with pytest.raises(TooManyPublishersError):
+                            Publisher(name)
+                for _, pid, _, attaching in batch:
+                    owner_publish(rng.randint(0, 20))
+                    if not attaching:
+                        time.sleep(rng.uniform(0, 0.02))  # it publishes flat out meanwhile
+                        if rng.random() < 0.2:  # stopped mid-publish, then killed
+                            os.kill(pid, signal.SIGSTOP)
+                            owner_publish(rng.randint(1, 10))  # nobody waits for it
+                            stats["stopped_first"] += 1
+                    else:
+                        stats["while_attaching"] += 1
+                    assert kids.kill(pid) == KILLED
+                    stats["kills"] += 1
+                dead = time.monotonic()
+                wait_until(lambda: bus.publisher_count == 1, PLACE_BOUND,
+                           "the dead publishers' places to free")
+                stats["worst_place_free"] = max(stats["worst_place_free"],
+                                                time.monotonic() - dead)
+                # What each victim handed over and dropped, from its place, before the
+                # next victim takes it (a place's counts are its last holder's).
+                places = {p.pid: p for p in _inspect.read_bus(name, every_place=True).publishers}
+                for src, pid, pipe, _ in batch:
+                    info = places.get(pid)
+                    sent = (info.sent or 0) if info else 0
+                    dropped = (info.dropped or 0) if info else 0
+                    victims[src] = (sent, dropped)
+                    stats["victim_events"] += sent
+                    stats["victim_dropped"] += dropped
+                    pipe.close()  # a long storm would otherwise run out of fds
+                    pipes.remove(pipe)
+                exact.read_ready()
+                small.read_ready()
+                assert len(bus_entries(name)) <= 1 + 3 + 2 * 2 + 2 * (1 + victims_at_once)
+            os.kill(steady_pid, signal.SIGUSR1)
+            steady = steady_pipe.recv(30)
+            assert kids.reap(steady_pid) == 0
+            owner_publish(10)
+            wait_until(lambda: all(p.pending == 0
+                                   for p in _inspect.read_bus(name).publishers),
+                       10, "the inboxes to drain")
+            assert bus.publisher_count == 0
+            version = bus.version
+            bus.close()
+            assert exact.read_to_end() == StreamClosed.BUS_CLOSED
+            assert small.read_to_end() == StreamClosed.BUS_CLOSED
+            assert bus_entries(name) == []
+        finally:
+            for pipe in pipes:
+                pipe.close()
+            remove_bus_entries(name)
+
+    # The accounting line, exact: every event given got a version or was counted as
+    # dropped (a victim's given is what its place counted: the publish it was killed
+    # in either handed its event over whole or never happened).
+    given_versions = (owner_events + steady["count"] - steady["dropped"]
+                      + sum(sent for sent, _ in victims.values()))
+    assert version == given_versions, (version, given_versions)
+    assert exact.sub.dropped == 0
+    assert exact.n == version
+    assert small.n + small.sub.dropped == version
+    for key, v in small.version_of.items():  # identical versions for identical events
+        assert exact.version_of[key] == v, key
+    # Each source: its order kept, and exactly its handed-over events seen.
+    for src, got in exact.events.items():
+        assert got == sorted(got), f"source {src} out of order"
+    assert exact.events.get(OWNER_SRC, []) == list(range(owner_events))
+    steady_seen = exact.events.get(STEADY_SRC, [])
+    assert len(steady_seen) == steady["count"] - steady["dropped"]
+    assert not steady_seen or steady_seen[-1] < steady["count"]
+    assert steady["worst"] < 0.5, f"the steady publisher waited {steady['worst']:.3f}s"
+    for src, (sent, dropped) in victims.items():
+        seen = exact.events.get(src, [])
+        assert len(seen) == sent, (src, len(seen), sent, dropped)
+        assert not seen or seen[-1] < sent + dropped, (src, seen[-1], sent, dropped)
+    stats["versions"] = version
+    stats["steady"] = steady
+    return stats
+
+
+def test_publisher_process_kill_storm(bus_name):
+    t0 = time.monotonic()
+    stats = _sender_storm(bus_name, SENDER_STORM_SHORT, seed=3)
+    assert stats["kills"] >= SENDER_STORM_SHORT
+    assert stats["victim_events"] > 0, stats
+    assert time.monotonic() - t0 < 30, stats
+
+
 def test_subscriber_kill_storm(bus_name):
     t0 = time.monotonic()
     stats = _subscriber_storm(bus_name, STORM_SHORT, seed=1)
@@ -665,6 +945,17 @@ def test_subscriber_kill_storm_long(bus_name, seed):
     stats = _subscriber_storm(bus_name, STORM_LONG, seed=seed)
     print(stats)
     assert stats["kills"] >= STORM_LONG
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("seed", [31, 32])
+def test_publisher_process_kill_storm_long(bus_name, seed):
+    stats = _sender_storm(bus_name, STORM_LONG, seed=seed)
+    print(stats)
+    assert stats["kills"] >= STORM_LONG
+    assert stats["stopped_first"] > 0
+    assert stats["while_attaching"] > 0
 
 
 @pytest.mark.stress
