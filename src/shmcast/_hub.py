@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import operator
 import os
 import re
 import threading
@@ -80,8 +82,8 @@ MAX_BUFFER = 1 << 24
 _CLOSE_JOIN = 0.2
 
 # Besides the events it keeps, a hub remembers the types (so the stream ids) of
-# this many times as many stream events it no longer keeps: a resume from one of
-# them counts exactly what it missed (older ones are a gap of unknown size).
+# this many times as many events that left its history: a resume from a stream id
+# among them counts exactly what it missed (an older one: a gap of unknown size).
 KEY_SPAN = 3
 
 # The type of an event a bridge brought from the stream (shmcast.bridge.IN_PREFIX):
@@ -91,6 +93,7 @@ _STREAM_TYPE = re.compile(r"shmcast\.in:(\d+)-(\d+):")
 _STREAM_ID = re.compile(r"(\d+)-(\d+)")
 
 StreamId = tuple[int, int]
+_TYPE = operator.attrgetter("type")
 
 _monotonic = time.monotonic
 _allocate_lock = threading.Lock
@@ -245,10 +248,8 @@ class _HubCore:
         self.buffer = buffer
         self.overwrite = overflow is Overflow.OVERWRITE
         self.history: deque[Event] | None = deque(maxlen=history) if history else None
-        # The types of stream events that left the history (their ids), and how many
-        # more left it that are not remembered: see open_at_id.
+        # The types of the events that left the history (stream ids): see open_at_id.
         self.forgotten: deque[str] = deque(maxlen=history * KEY_SPAN)
-        self.forgotten_more = 0
         self.latest: dict[str, Event] = {}
         self.feeds: dict[_FeedCore, None] = {}  # open and closing feeds, in opening order
         self.open_count = 0
@@ -316,36 +317,45 @@ class _HubCore:
         behind the host the client came from) are skipped. The stream events after
         *after* that are no longer kept are its drops at once: exactly as many as
         there were when the hub remembers an id at or before *after*; otherwise
-        (older than all it remembers, or before the hub began) an unknown number:
-        every stream event it no longer keeps, and at least one.
+        (older than all it remembers, or from before the hub began) an unknown
+        number, counted as those it remembers, and at least one.
+
+        Stream events come in the stream's order (one bridge, one Publisher), so
+        both scans go from the newest back and stop at the first id at or before
+        *after*: the cost is what the client missed, not the history's length.
         """
         history = self.history
         assert history is not None  # Hub.subscribe checks it
-        kept = list(history)
-        first = None
+        first = len(history)  # index of the oldest kept stream event after `after`
         known = False  # an id at or before `after` is known: all that came since is too
-        for i, e in enumerate(kept):
+        i = first
+        for e in reversed(history):
+            i -= 1
             sid = stream_id(e.type)
             if sid is None:
                 continue
             if sid <= after:
                 known = True
-            elif first is None:
-                first = i
+                break
+            first = i
         missed = 0
-        for t in self.forgotten:
-            sid = stream_id(t)
-            if sid is not None and sid > after:
-                missed += 1
-            else:
-                known = True
         if not known:
-            missed = max(1, missed + self.forgotten_more)
+            for t in reversed(self.forgotten):
+                sid = stream_id(t)
+                if sid is None:
+                    continue
+                if sid <= after:
+                    known = True
+                    break
+                missed += 1
+        if not known:
+            missed = max(1, missed)
         feed = _FeedCore(self, buffer, self.overwrite, self.last)
         feed.after = after
-        if first is not None:
-            feed.seen = kept[first].version - 1
-            feed.take(kept[first:], kept[-1].version)
+        if first < len(history):
+            kept = list(itertools.islice(history, first, None))
+            feed.seen = kept[0].version - 1
+            feed.take(kept, kept[-1].version)
             if self.last > feed.seen:  # lost by the hub's ring after its last kept event
                 feed.drop(self.last - feed.seen)
                 feed.seen = self.last
@@ -353,14 +363,6 @@ class _HubCore:
         if missed:
             feed.drop(missed)
         return feed
-
-    def forget(self, old: Event) -> None:
-        """*old* leaves the history: remember its stream id if it has one (lock held)."""
-        if old.type.startswith(IN_PREFIX):
-            forgotten = self.forgotten
-            if len(forgotten) == forgotten.maxlen:
-                self.forgotten_more += 1
-            forgotten.append(old.type)
 
     def retire(self, feed: _FeedCore) -> None:
         """Take a feed out of the fan-out: no more input (lock held)."""
@@ -425,6 +427,8 @@ class _HubCore:
             last = self.last
             history = self.history
             latest = self.latest
+            kept: list[Event] = []
+            keep = kept.append
             self.version = max(self.version, batch[-1].version)
             for item in batch:
                 v = item.version
@@ -433,13 +437,12 @@ class _HubCore:
                 last = max(last, v)
                 if type(item) is Event:
                     latest[item.type] = item
-                    if history is not None:
-                        if len(history) == history.maxlen:
-                            self.forget(history[0])
-                        history.append(item)
+                    keep(item)
                 else:
                     self.accounted += 1  # a DecodeError: counted in sub.dropped too
             self.last = last
+            if history is not None and kept:
+                self.keep(history, kept)
             feeds = list(self.feeds)
         futures: list[asyncio.Future[None]] = []
         for i in range(0, len(feeds), FEEDS_PER_LOCK):
@@ -452,6 +455,18 @@ class _HubCore:
                             self.retire(feed)
                         feed.wake(futures)
         wake_futures(futures)
+
+    def keep(self, history: deque[Event], events: list[Event]) -> None:
+        """Append *events* to the history; remember the types of those it pushes out
+        (lock held). One C-level pass per batch: this runs for every event."""
+        assert history.maxlen is not None
+        spill = len(history) + len(events) - history.maxlen
+        if spill > 0:
+            forgotten = self.forgotten
+            forgotten.extend(map(_TYPE, itertools.islice(history, spill)))
+            if spill > len(history):  # a batch longer than the history
+                forgotten.extend(map(_TYPE, events[:spill - len(history)]))
+        history.extend(events)
 
     def unserved_error(self, error: ShmcastError) -> None:
         """Tell every open feed once per episode that the hub's ring is not served."""

@@ -495,15 +495,15 @@ def test_resume_on_another_host_by_stream_id(hosts: Callable[[int], list[Host]],
         assert _feed_rest(feed) == []  # and nothing twice
         assert feed.dropped == 0
 
-        # The hub with history=10 keeps fewer than 10 entries: an id 30 entries back is
-        # older than those (but among the ids it remembers): the rest is a gap, exactly.
+        # The hub with history=10 keeps fewer than 10 entries: an id 15 entries back is
+        # older than those (but among the 30 events it remembers): the rest is a gap, exactly.
         _wait(lambda: small.version == h2.bus.version, 10, "b's small hub")
         old = hub.subscribe(since="0-0")  # (the big hub's view, for the count below)
         whole = _feed_view(old, 90)
         assert whole == _stream_view(h2)
-        back = whole[59][0]
+        back = whole[-16][0]
         late = small.subscribe(since=back)
-        after = whole[60:]
+        after = whole[-15:]
         kept = _feed_rest(late)
         assert kept == after[len(after) - len(kept):], "not the newest entries"
         assert 0 < len(kept) < len(after)
