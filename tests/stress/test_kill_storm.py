@@ -838,6 +838,9 @@ def _sender_storm(name: str, iterations: int, seed: int) -> dict:
                     if len(batch) == victims_at_once:
                         with pytest.raises(TooManyPublishersError):
                             Publisher(name)
+                # Those still attaching die first: one that attached after another
+                # victim died could take its place, and with it the counts we read below.
+                batch.sort(key=lambda victim: not victim[3])
                 for _, pid, _, attaching in batch:
                     owner_publish(rng.randint(0, 20))
                     if not attaching:
