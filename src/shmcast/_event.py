@@ -33,7 +33,11 @@ _set = object.__setattr__
 
 
 def make_event(type_: str, payload: Any, version: int, timestamp: float, data: bytes) -> Event:
-    """Build an Event without the frozen dataclass's field-by-field ``__init__`` (a hot path)."""
+    """Build an Event without the frozen dataclass's field-by-field ``__init__`` (a hot path).
+
+    Both ring readers' ``get`` (_ring.py, _native.c) build theirs the same way: this
+    instance dict, set whole on a new object.
+    """
     event = _new(Event)
     _set(event, "__dict__", {"type": type_, "payload": payload, "version": version,
                              "timestamp": timestamp, "_data": data})

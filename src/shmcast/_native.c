@@ -54,6 +54,8 @@ store_rel(char *base, uint64_t off, uint64_t value)
 }
 
 static PyObject *str_value, *str_release, *str_name;
+static PyObject *str_type, *str_payload, *str_version, *str_timestamp, *str_data;
+static PyObject *empty_args;
 
 /* ------------------------------------------------------------------ the pinned buffer */
 
@@ -622,12 +624,22 @@ static PyTypeObject WriterType = {
 
 /* ------------------------------------------------------------------ RingReader */
 
+/* Most streams carry a handful of event types: their str objects are kept here,
+ * found by a compare of the raw bytes (no bytes object, no hash). */
+#define TYPE_CACHE 32
+
 typedef struct {
     PyObject_HEAD
     Pin pin;
     PyObject *buf;
     uint64_t slots, slot_size, stride, r, delivered, corrupt;
     int overwrite;
+    /* get() and get_many(): the Event class, the codec's loads, and the factory of
+     * the error an undecodable event becomes; NULL for a reader that only read()s. */
+    PyObject *event, *loads, *undecodable;
+    PyObject *type_keys[TYPE_CACHE]; /* bytes */
+    PyObject *type_strs[TYPE_CACHE]; /* their str, decoded with "replace" */
+    int ntypes, last_type;
 } Reader;
 
 static PyTypeObject ReaderType;
@@ -635,8 +647,9 @@ static PyTypeObject ReaderType;
 static int
 Reader_init(Reader *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"buf", "slots", "slot_size", "overwrite", NULL};
-    PyObject *buf;
+    static char *kwlist[] = {"buf", "slots", "slot_size", "overwrite", "event", "loads",
+                             "undecodable", NULL};
+    PyObject *buf, *event = Py_None, *loads = Py_None, *undecodable = Py_None;
     Py_ssize_t slots, slot_size;
     int overwrite;
     uint64_t need;
@@ -644,9 +657,30 @@ Reader_init(Reader *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "RingReader is already initialized");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnp:RingReader", kwlist, &buf, &slots,
-                                     &slot_size, &overwrite))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnp|$OOO:RingReader", kwlist, &buf, &slots,
+                                     &slot_size, &overwrite, &event, &loads, &undecodable))
         return -1;
+    if ((event == Py_None) != (loads == Py_None) || (event == Py_None) != (undecodable == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "event, loads and undecodable go together");
+        return -1;
+    }
+    if (event != Py_None) {
+        PyTypeObject *tp = (PyTypeObject *)event;
+        /* Built as object.__new__(event) with its fields set: a plain class only. */
+        if (!PyType_Check(event) || tp->tp_new != PyBaseObject_Type.tp_new ||
+            tp->tp_dictoffset == 0) {
+            PyErr_SetString(PyExc_TypeError, "event must be a class with a __dict__ and "
+                            "object's __new__");
+            return -1;
+        }
+        if (!PyCallable_Check(loads) || !PyCallable_Check(undecodable)) {
+            PyErr_SetString(PyExc_TypeError, "loads and undecodable must be callable");
+            return -1;
+        }
+        self->event = Py_NewRef(event);
+        self->loads = Py_NewRef(loads);
+        self->undecodable = Py_NewRef(undecodable);
+    }
     need = ring_bytes(slots, slot_size, &self->stride);
     if (need == 0 || pin_take(&self->pin, buf, need) < 0)
         return -1;
@@ -666,16 +700,33 @@ Reader_init(Reader *self, PyObject *args, PyObject *kwds)
 static void
 Reader_dealloc(Reader *self)
 {
+    int i;
     self->pin.busy = 0;
     pin_drop(&self->pin);
     Py_XDECREF(self->buf);
+    Py_XDECREF(self->event);
+    Py_XDECREF(self->loads);
+    Py_XDECREF(self->undecodable);
+    for (i = 0; i < self->ntypes; i++) {
+        Py_DECREF(self->type_keys[i]);
+        Py_DECREF(self->type_strs[i]);
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* RingReader.read of _ring.py: a new (version, timestamp, type, data) tuple, or
- * NULL with no error set when nothing is ready, or NULL with an error. */
-static PyObject *
-reader_next(Reader *self, int have_limit, uint64_t limit)
+/* One event copied out of its slot and taken. */
+typedef struct {
+    uint64_t version;
+    double timestamp;
+    uint16_t lt;
+    char type[SHMCAST_MAX_TYPE_BYTES];
+    PyObject *data; /* a new reference */
+} Taken;
+
+/* The next event into *out, counted delivered (r and delivered stored): 1; 0 when
+ * nothing is ready; -1 with an error, nothing taken. No Python code runs here. */
+static int
+reader_take(Reader *self, int have_limit, uint64_t limit, Taken *out)
 {
     char *base = self->pin.base;
     uint64_t slots = self->slots;
@@ -684,7 +735,7 @@ reader_next(Reader *self, int have_limit, uint64_t limit)
         if (have_limit && w > limit)
             w = limit;
         if (r >= w)
-            return NULL;
+            return 0;
         if (w - r > slots) /* lapped: the oldest unread were overwritten */
             r = w - slots;
         off = SHMCAST_RING_HEADER_SIZE + (r % slots) * self->stride;
@@ -708,15 +759,13 @@ reader_next(Reader *self, int have_limit, uint64_t limit)
             memcpy(&ld, base + off + SHMCAST_SLOT_DATA_LEN_OFF, 4);
             if (lt <= SHMCAST_MAX_TYPE_BYTES && ld <= self->slot_size) {
                 const char *p = base + off + SHMCAST_SLOT_HEADER_SIZE;
-                PyObject *type_ = PyBytes_FromStringAndSize(p, lt);
-                PyObject *data = type_ ? PyBytes_FromStringAndSize(p + lt, ld) : NULL;
-                if (data == NULL) {
-                    Py_XDECREF(type_);
-                    return NULL;
-                }
+                PyObject *data;
+                memcpy(out->type, p, lt);
+                data = PyBytes_FromStringAndSize(p + lt, ld);
+                if (data == NULL)
+                    return -1;
                 atomic_thread_fence(memory_order_acquire);
                 if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want) {
-                    PyObject *out, *v, *t;
                     /* Taken: say so at once. Until r moves, the writer's count of drops
                      * includes this event if it laps the slot now (docs/design.md,
                      * "Counting drops"), so the window is kept to two stores.
@@ -725,26 +774,12 @@ reader_next(Reader *self, int have_limit, uint64_t limit)
                     store_rel(base, SHMCAST_R_OFF, r + 1);
                     self->delivered += 1;
                     store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
-                    out = PyTuple_New(4);
-                    v = out ? PyLong_FromUnsignedLongLong(version) : NULL;
-                    t = v ? PyFloat_FromDouble(timestamp) : NULL;
-                    if (t == NULL) {
-                        /* Out of memory: the event is lost after all, and counted so. */
-                        self->delivered -= 1;
-                        store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
-                        Py_XDECREF(v);
-                        Py_XDECREF(out);
-                        Py_DECREF(type_);
-                        Py_DECREF(data);
-                        return NULL;
-                    }
-                    PyTuple_SET_ITEM(out, 0, v);
-                    PyTuple_SET_ITEM(out, 1, t);
-                    PyTuple_SET_ITEM(out, 2, type_);
-                    PyTuple_SET_ITEM(out, 3, data);
-                    return out;
+                    out->version = version;
+                    out->timestamp = timestamp;
+                    out->lt = lt;
+                    out->data = data;
+                    return 1;
                 }
-                Py_DECREF(type_);
                 Py_DECREF(data);
             } else {
                 atomic_thread_fence(memory_order_acquire);
@@ -760,8 +795,206 @@ reader_next(Reader *self, int have_limit, uint64_t limit)
     }
 }
 
+/* Count *n* events taken but never handed on as dropped (discard()). */
+static void
+reader_untake(Reader *self, uint64_t n)
+{
+    self->delivered -= n;
+    store_rel(self->pin.base, SHMCAST_DELIVERED_OFF, self->delivered);
+}
+
+/* RingReader.read of _ring.py: a new (version, timestamp, type, data) tuple, or
+ * NULL with no error set when nothing is ready, or NULL with an error. */
+static PyObject *
+reader_next(Reader *self, int have_limit, uint64_t limit)
+{
+    Taken t;
+    PyObject *out, *v, *ts, *type_;
+    int got = reader_take(self, have_limit, limit, &t);
+    if (got <= 0)
+        return NULL;
+    out = PyTuple_New(4);
+    v = out ? PyLong_FromUnsignedLongLong(t.version) : NULL;
+    ts = v ? PyFloat_FromDouble(t.timestamp) : NULL;
+    type_ = ts ? PyBytes_FromStringAndSize(t.type, t.lt) : NULL;
+    if (type_ == NULL) {
+        /* Out of memory: the event is lost after all, and counted so. */
+        reader_untake(self, 1);
+        Py_XDECREF(v);
+        Py_XDECREF(ts);
+        Py_XDECREF(out);
+        Py_DECREF(t.data);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, v);
+    PyTuple_SET_ITEM(out, 1, ts);
+    PyTuple_SET_ITEM(out, 2, type_);
+    PyTuple_SET_ITEM(out, 3, t.data);
+    return out;
+}
+
+/* The str of an event type (a new reference), from the cache or decoded into it. */
+static PyObject *
+reader_type(Reader *self, const char *p, uint16_t lt)
+{
+    int i, n = self->ntypes, k = self->last_type;
+    PyObject *str, *key;
+    for (i = 0; i < n; i++, k = k + 1 == n ? 0 : k + 1) {
+        key = self->type_keys[k];
+        if (PyBytes_GET_SIZE(key) == lt && memcmp(PyBytes_AS_STRING(key), p, lt) == 0) {
+            self->last_type = k;
+            return Py_NewRef(self->type_strs[k]);
+        }
+    }
+    str = PyUnicode_DecodeUTF8(p, lt, "replace");
+    if (str == NULL || n == TYPE_CACHE)
+        return str; /* past the cache's size: decoded each time, as correct and slower */
+    key = PyBytes_FromStringAndSize(p, lt);
+    if (key == NULL) {
+        Py_DECREF(str);
+        return NULL;
+    }
+    self->type_keys[n] = key;
+    self->type_strs[n] = Py_NewRef(str);
+    self->last_type = n;
+    self->ntypes = n + 1;
+    return str;
+}
+
+/* event.__new__, then its five fields set as object.__setattr__ would (the frozen
+ * dataclass refuses its own): stored straight into the instance's attribute values
+ * where the interpreter keeps them inline, no dict built. */
+static PyObject *
+reader_event(Reader *self, PyObject *type_, PyObject *payload, const Taken *t)
+{
+    PyTypeObject *tp = (PyTypeObject *)self->event;
+    PyObject *v = PyLong_FromUnsignedLongLong(t->version);
+    PyObject *ts = v ? PyFloat_FromDouble(t->timestamp) : NULL;
+    PyObject *ev = ts ? tp->tp_new(tp, empty_args, NULL) : NULL;
+    if (ev != NULL && (PyObject_GenericSetAttr(ev, str_type, type_) < 0 ||
+                       PyObject_GenericSetAttr(ev, str_payload, payload) < 0 ||
+                       PyObject_GenericSetAttr(ev, str_version, v) < 0 ||
+                       PyObject_GenericSetAttr(ev, str_timestamp, ts) < 0 ||
+                       PyObject_GenericSetAttr(ev, str_data, t->data) < 0))
+        Py_CLEAR(ev);
+    Py_XDECREF(v);
+    Py_XDECREF(ts);
+    return ev;
+}
+
+/* The codec's exception (set) as undecodable(version, type, data, exc), with the
+ * codec's as its cause (raise ... from exc); the event counts as dropped. NULL if
+ * the factory itself failed. */
+static PyObject *
+reader_undecodable(Reader *self, PyObject *type_, const Taken *t)
+{
+    PyObject *etype, *exc, *tb, *v, *err = NULL;
+    PyErr_Fetch(&etype, &exc, &tb);
+    PyErr_NormalizeException(&etype, &exc, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(exc, tb);
+    reader_untake(self, 1);
+    v = PyLong_FromUnsignedLongLong(t->version);
+    if (v != NULL) {
+        PyObject *args[4] = {v, type_, t->data, exc};
+        err = PyObject_Vectorcall(self->undecodable, args, 4, NULL);
+        Py_DECREF(v);
+    }
+    if (err != NULL && !PyExceptionInstance_Check(err)) {
+        PyErr_Format(PyExc_TypeError, "undecodable() returned %.100s, not an exception",
+                     Py_TYPE(err)->tp_name);
+        Py_CLEAR(err);
+    }
+    if (err != NULL) {
+        PyException_SetCause(err, Py_NewRef(exc));
+        PyException_SetContext(err, Py_NewRef(exc));
+    }
+    Py_XDECREF(etype);
+    Py_XDECREF(exc);
+    Py_XDECREF(tb);
+    return err;
+}
+
+/* The next event decoded: an Event; or, for one the codec cannot read, the error
+ * undecodable() made (*failed set); NULL with no error when nothing is ready; NULL
+ * with an error (nothing taken, or the codec raised a BaseException that is not an
+ * Exception: it propagates as it would from Python, the event counted delivered). */
+static PyObject *
+reader_get(Reader *self, int have_limit, uint64_t limit, int *failed)
+{
+    Taken t;
+    PyObject *type_, *payload, *out;
+    int got = reader_take(self, have_limit, limit, &t);
+    if (got <= 0)
+        return NULL;
+    type_ = reader_type(self, t.type, t.lt);
+    if (type_ == NULL) {
+        reader_untake(self, 1);
+        Py_DECREF(t.data);
+        return NULL;
+    }
+    payload = PyObject_CallOneArg(self->loads, t.data);
+    if (payload == NULL) {
+        out = PyErr_ExceptionMatches(PyExc_Exception) ? reader_undecodable(self, type_, &t)
+                                                      : NULL;
+        *failed = out != NULL;
+    } else {
+        out = reader_event(self, type_, payload, &t);
+        Py_DECREF(payload);
+        if (out == NULL)
+            reader_untake(self, 1); /* out of memory: lost after all, and counted so */
+    }
+    Py_DECREF(type_);
+    Py_DECREF(t.data);
+    return out;
+}
+
+/* get() and get_many() call the codec, which may run any Python code: the ring stays
+ * mapped meanwhile, and a release() waits for the call's end. */
+static int
+reader_enter(Reader *self)
+{
+    if (pin_check(&self->pin) < 0)
+        return -1;
+    if (self->event == NULL) {
+        PyErr_SetString(PyExc_TypeError, "this RingReader was made without event, loads and "
+                        "undecodable");
+        return -1;
+    }
+    self->pin.busy += 1;
+    return 0;
+}
+
+static void
+reader_leave(Reader *self)
+{
+    self->pin.busy -= 1;
+    if (self->pin.release_pending && self->pin.busy == 0) {
+        self->pin.release_pending = 0;
+        pin_drop(&self->pin);
+    }
+}
+
 static const char *const limit_names[] = {"limit"};
 static const char *const many_names[] = {"max", "limit"};
+
+/* read_many()'s and get_many()'s arguments: max, and limit (optional). */
+static int
+many_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+          Py_ssize_t *max, int *have, uint64_t *limit)
+{
+    PyObject *a[2];
+    if (bind_args(fn, args, nargs, kwnames, many_names, 2, a) < 0)
+        return -1;
+    if (a[0] == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s() needs max", fn);
+        return -1;
+    }
+    *max = PyLong_AsSsize_t(a[0]);
+    if (*max == -1 && PyErr_Occurred())
+        return -1;
+    return limit_arg(a[1], have, limit);
+}
 
 static PyObject *
 Reader_read(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -784,17 +1017,9 @@ Reader_read_many(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject
     int have;
     uint64_t limit = 0;
     Py_ssize_t max, k;
-    PyObject *out, *a[2];
-    if (bind_args("read_many", args, nargs, kwnames, many_names, 2, a) < 0)
-        return NULL;
-    if (a[0] == NULL) {
-        PyErr_SetString(PyExc_TypeError, "read_many() needs max");
-        return NULL;
-    }
-    max = PyLong_AsSsize_t(a[0]);
-    if (max == -1 && PyErr_Occurred())
-        return NULL;
-    if (limit_arg(a[1], &have, &limit) < 0 || pin_check(&self->pin) < 0)
+    PyObject *out;
+    if (many_args("read_many", args, nargs, kwnames, &max, &have, &limit) < 0 ||
+        pin_check(&self->pin) < 0)
         return NULL;
     out = PyList_New(0);
     if (out == NULL)
@@ -815,6 +1040,73 @@ Reader_read_many(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject
         }
         Py_DECREF(item);
     }
+    return out;
+}
+
+static PyObject *
+Reader_get(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int have, failed = 0;
+    uint64_t limit = 0;
+    PyObject *out, *a[1];
+    if (bind_args("get", args, nargs, kwnames, limit_names, 1, a) < 0 ||
+        limit_arg(a[0], &have, &limit) < 0 || reader_enter(self) < 0)
+        return NULL;
+    out = reader_get(self, have, limit, &failed);
+    reader_leave(self);
+    if (failed) {
+        /* Raised with the codec's error as its context too, whatever the caller is
+         * handling (PyErr_SetObject would put that there). */
+        PyObject *cause = PyException_GetCause(out);
+        PyErr_SetObject((PyObject *)Py_TYPE(out), out);
+        if (cause != NULL)
+            PyException_SetContext(out, cause);
+        Py_DECREF(out);
+        return NULL;
+    }
+    if (out == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return out;
+}
+
+static PyObject *
+Reader_get_many(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int have;
+    uint64_t limit = 0;
+    Py_ssize_t max, k;
+    PyObject *out;
+    if (many_args("get_many", args, nargs, kwnames, &max, &have, &limit) < 0 ||
+        (out = PyList_New(0)) == NULL)
+        return NULL;
+    if (reader_enter(self) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    /* A release() asked for by the codec's code ends the batch. */
+    for (k = 0; k < max && !self->pin.release_pending; k++) {
+        int failed = 0;
+        PyObject *item = reader_get(self, have, limit, &failed);
+        if (item == NULL)
+            break;
+        if (PyList_Append(out, item) < 0) {
+            Py_DECREF(item);
+            if (!failed)
+                reader_untake(self, 1);
+            break;
+        }
+        Py_DECREF(item);
+    }
+    if (PyErr_Occurred()) {
+        /* The batch cannot be handed on: its events count as dropped. */
+        Py_ssize_t i, events = 0;
+        for (i = 0; i < PyList_GET_SIZE(out); i++)
+            events += !PyExceptionInstance_Check(PyList_GET_ITEM(out, i));
+        if (self->pin.base != NULL)
+            reader_untake(self, (uint64_t)events);
+        Py_CLEAR(out);
+    }
+    reader_leave(self);
     return out;
 }
 
@@ -850,11 +1142,7 @@ Reader_poll(Reader *self, PyObject *arg)
         }
     } while (monotonic() < deadline);
     Py_END_ALLOW_THREADS
-    self->pin.busy -= 1;
-    if (self->pin.release_pending && self->pin.busy == 0) {
-        self->pin.release_pending = 0;
-        pin_drop(&self->pin);
-    }
+    reader_leave(self);
     return PyBool_FromLong(found);
 }
 
@@ -956,6 +1244,13 @@ static PyMethodDef Reader_methods[] = {
      "The next event as (version, timestamp, type, data), or None if none is ready."},
     {"read_many", (PyCFunction)(void (*)(void))Reader_read_many, METH_FASTCALL | METH_KEYWORDS,
      "Up to max events that are ready, as a list of read()'s tuples."},
+    {"get", (PyCFunction)(void (*)(void))Reader_get, METH_FASTCALL | METH_KEYWORDS,
+     "The next event decoded, as an Event; None if none is ready; raises what "
+     "undecodable(version, type, data, exc) returns for one the codec cannot read (counted "
+     "as dropped)."},
+    {"get_many", (PyCFunction)(void (*)(void))Reader_get_many, METH_FASTCALL | METH_KEYWORDS,
+     "Up to max events that are ready, decoded: Events, and undecodable()'s errors in "
+     "their place for those the codec cannot read."},
     {"poll", (PyCFunction)Reader_poll, METH_O,
      "Watch w for up to seconds without sleeping (GIL released); whether an event arrived."},
     {"written", (PyCFunction)Reader_written, METH_NOARGS, "The writer's count of events written."},
@@ -1024,7 +1319,17 @@ module_exec(PyObject *m)
         str_value = PyUnicode_InternFromString("value");
         str_release = PyUnicode_InternFromString("release");
         str_name = PyUnicode_InternFromString("name");
-        if (str_value == NULL || str_release == NULL || str_name == NULL)
+        str_type = PyUnicode_InternFromString("type");
+        str_payload = PyUnicode_InternFromString("payload");
+        str_version = PyUnicode_InternFromString("version");
+        str_timestamp = PyUnicode_InternFromString("timestamp");
+        str_data = PyUnicode_InternFromString("_data");
+        if (str_value == NULL || str_release == NULL || str_name == NULL || str_type == NULL ||
+            str_payload == NULL || str_version == NULL || str_timestamp == NULL ||
+            str_data == NULL)
+            return -1;
+        empty_args = PyTuple_New(0);
+        if (empty_args == NULL)
             return -1;
     }
     if (PyType_Ready(&WriterType) < 0 || PyType_Ready(&ReaderType) < 0)

@@ -25,6 +25,7 @@ from ._errors import StreamClosed
 from ._event import Event
 
 _monotonic = time.monotonic
+_PLAIN = (int, float)
 
 
 def check_timeout(timeout: object) -> float:
@@ -89,8 +90,13 @@ class Stream:
             the next call goes on with the next event).
         :raises ValueError: if *timeout* is negative or NaN.
         """
-        deadline = None if timeout is None else _monotonic() + check_timeout(timeout)
+        # A plain non-negative number needs no more checks (NaN fails the comparison).
+        if timeout is not None and (timeout.__class__ not in _PLAIN or not timeout >= 0):
+            timeout = check_timeout(timeout)
         event = self._poll()
+        if event is not None:
+            return event
+        deadline = None if timeout is None else _monotonic() + timeout
         while event is None:
             if deadline is None:
                 self._sleep(None)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from shmcast import _ring
+from shmcast._event import Event
 from shmcast._layout import (
     Q_DELIVERED,
     Q_R,
@@ -29,12 +30,49 @@ except ImportError:
 
 pytestmark = pytest.mark.skipif(_native is None, reason="the C extension is not built here")
 native: Any = _native
+READERS = [pytest.param(lambda: native.RingReader, id="native"),
+           pytest.param(lambda: PureRingReader, id="pure")]
 
 
 def ring(slots: int, slot_size: int) -> bytearray:
     buf = bytearray(ring_size(slots, slot_size))
     pack_ring_header(buf, slots=slots, slot_size=slot_size, nonce=1, ring_id=2)
     return buf
+
+
+class Undecodable(Exception):
+    """What the tests' readers raise for an event their codec refuses."""
+
+    def __init__(self, version: int, type_: str, data: bytes, e: Exception) -> None:
+        super().__init__(version, type_, data, repr(e))
+
+
+def loads(data: bytes) -> Any:
+    """A codec that refuses payloads starting with a zero byte."""
+    if data[:1] == b"\0":
+        raise ValueError(f"cannot read {data[:4]!r}")
+    return [len(data), data[-3:].hex()]
+
+
+DECODING: dict[str, Any] = {"event": Event, "loads": loads, "undecodable": Undecodable}
+
+
+def seen(item: Any) -> tuple[Any, ...]:
+    """What a get() result shows a caller: every field of an Event, the args of an error."""
+    if isinstance(item, Event):
+        return ("event", item.type, item.payload, item.version, item.timestamp, item.data)
+    if isinstance(item, Undecodable):
+        assert isinstance(item.__cause__, ValueError)
+        assert item.__context__ is item.__cause__
+        return ("undecodable", *item.args)
+    return ("other", item)
+
+
+def outcome(get: Any, limit: int | None) -> tuple[Any, ...]:
+    try:
+        return seen(get(limit))
+    except Undecodable as e:
+        return seen(e)
 
 
 def state(writer: Any, reader: Any) -> tuple[int, ...]:
@@ -52,11 +90,11 @@ class Twin:
         pw = memoryview(self.pure_buf)
         mw = memoryview(self.mixed_buf)
         self.pure = (PureRingWriter(pw, slots, slot_size, overwrite),
-                     PureRingReader(pw, slots, slot_size, overwrite))
+                     PureRingReader(pw, slots, slot_size, overwrite, **DECODING))
         self.other = ((native.RingWriter if wn else PureRingWriter)(mw, slots, slot_size,
                                                                     overwrite),
                       (native.RingReader if rn else PureRingReader)(mw, slots, slot_size,
-                                                                    overwrite))
+                                                                    overwrite, **DECODING))
         self.native_writer = wn
 
     def check(self) -> None:
@@ -73,6 +111,13 @@ class Twin:
 
     def read_many(self, n: int) -> None:
         assert self.pure[1].read_many(n) == self.other[1].read_many(n)
+
+    def get(self, limit: int | None) -> None:
+        assert outcome(self.pure[1].get, limit) == outcome(self.other[1].get, limit)
+
+    def get_many(self, n: int, limit: int | None) -> None:
+        assert [seen(x) for x in self.pure[1].get_many(n, limit)] == \
+            [seen(x) for x in self.other[1].get_many(n, limit)]
 
     def garbage(self, rng: random.Random) -> None:
         """Scribble on one byte of a slot, or on r's neighbour: both rings alike."""
@@ -96,11 +141,18 @@ def test_same_results_counters_and_bytes(seed: int, overwrite: bool, wn: bool, r
         if op < 0.45:
             version += 1
             data = bytes(rng.randrange(256) for _ in range(rng.randrange(slot_size + 1)))
-            twin.write(version, rng.choice([b"", b"t", b"members" * 30]), data)
-        elif op < 0.75:
+            if data and rng.random() < 0.2:
+                data = b"\0" + data[1:]  # one the codec refuses
+            types = [b"", b"t", b"members" * 30, b"\xff\xfe"]  # the last is no UTF-8
+            twin.write(version, rng.choice(types), data)
+        elif op < 0.60:
             twin.read(rng.choice([None, None, version // 2, version + 3]))
-        elif op < 0.85:
+        elif op < 0.70:
+            twin.get(rng.choice([None, None, version // 2, version + 3]))
+        elif op < 0.78:
             twin.read_many(rng.randrange(1, 5))
+        elif op < 0.85:
+            twin.get_many(rng.randrange(1, 5), rng.choice([None, version // 2]))
         elif op < 0.90 and twin.pure[1].delivered:
             twin.pure[1].discard()
             twin.other[1].discard()
@@ -290,3 +342,111 @@ def test_writer_resumes_a_ring_like_the_pure_one() -> None:
         assert not writer.write(*frame(7, 0.0, b"e", b"x"))  # full: 6 - 4 == 2 slots
         assert (q[Q_W], q[Q_W + 1]) == (6, 4)
         q.release()
+
+
+def ends(reader_class: Any, slots: int, slot_size: int, **decoding: Any) -> tuple[Any, Any]:
+    """A native writer and a decoding reader of *reader_class* on one new ring."""
+    buf = memoryview(ring(slots, slot_size))
+    return (native.RingWriter(buf, slots, slot_size, True),
+            reader_class()(buf, slots, slot_size, True, **{**DECODING, **decoding}))
+
+
+@pytest.mark.parametrize("reader_class", READERS)
+def test_get_builds_the_event_and_counts_what_does_not_decode(reader_class: Any) -> None:
+    writer, reader = ends(reader_class, 8, 64)
+    assert reader.get() is None
+    for v, (type_, data) in enumerate([(b"a", b"xyz"), (b"a", b"\0bad"), (b"b\xff", b"q"),
+                                       (b"a", b"\0"), (b"a", b"last")], 1):
+        writer.write(*frame(v, v / 4, type_, data))
+    first = reader.get()
+    assert first == Event("a", loads(b"xyz"), 1, 0.25, b"xyz")
+    assert type(first) is Event
+    assert first.data == b"xyz"
+    with pytest.raises(Undecodable) as raised:
+        reader.get()
+    assert raised.value.args == (2, "a", b"\0bad", "ValueError(\"cannot read b'\\\\x00bad'\")")
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert raised.value.__suppress_context__
+    assert (reader.r, reader.delivered, reader.drops()) == (2, 1, 1)  # counted as dropped
+    batch = reader.get_many(10)
+    assert [seen(x)[:4] for x in batch] == [("event", "b\ufffd", loads(b"q"), 3),
+                                             ("undecodable", 4, "a", b"\0"),
+                                             ("event", "a", loads(b"last"), 5)]
+    assert batch[2].type is first.type  # one str per event type, kept
+    assert (reader.r, reader.delivered, reader.drops()) == (5, 3, 2)
+    assert reader.get_many(10) == []
+    reader.release()
+    with pytest.raises(ValueError, match="released"):
+        reader.get()
+
+
+@pytest.mark.parametrize("reader_class", READERS)
+def test_get_many_stops_at_max_and_limit_and_keeps_many_types(reader_class: Any) -> None:
+    writer, reader = ends(reader_class, 64, 32)
+    for v in range(1, 51):  # more types than any cache keeps
+        writer.write(*frame(v, 0.0, b"type-%d" % (v % 40), b"%d" % v))
+    assert [e.version for e in reader.get_many(2)] == [1, 2]
+    assert [e.version for e in reader.get_many(10, limit=4)] == [3, 4]
+    assert reader.get(limit=4) is None
+    rest = reader.get_many(max=100)
+    assert [(e.version, e.type) for e in rest] == [(v, f"type-{v % 40}") for v in range(5, 51)]
+
+
+@pytest.mark.parametrize("reader_class", READERS)
+def test_an_error_that_is_not_the_codecs_propagates_and_a_batch_it_ends_counts_dropped(
+        reader_class: Any) -> None:
+    def interrupted(data: bytes) -> Any:
+        if data == b"stop":
+            raise KeyboardInterrupt
+        return loads(data)
+
+    writer, reader = ends(reader_class, 8, 32, loads=interrupted)
+    for v, data in enumerate([b"stop", b"1", b"\0", b"stop", b"2"], 1):
+        writer.write(*frame(v, 0.0, b"e", data))
+    with pytest.raises(KeyboardInterrupt):
+        reader.get()  # as from Python code: the event counts as delivered, not dropped
+    assert (reader.r, reader.delivered, reader.drops()) == (1, 1, 0)
+    with pytest.raises(KeyboardInterrupt):
+        reader.get_many(10)  # 2 taken and lost with the batch, 3 dropped already
+    assert (reader.r, reader.delivered, reader.drops()) == (4, 2, 2)
+    assert [e.version for e in reader.get_many(10)] == [5]
+
+
+
+@pytest.mark.parametrize("reader_class", READERS)
+def test_a_failing_error_factory_propagates_its_error(reader_class: Any) -> None:
+    def broken(version: int, type_: str, data: bytes, e: Exception) -> BaseException:
+        raise RuntimeError("the factory fails")
+
+    writer, reader = ends(reader_class, 2, 32, undecodable=broken)
+    writer.write(*frame(1, 0.0, b"e", b"\0"))
+    with pytest.raises(RuntimeError, match="factory"):
+        reader.get()
+    assert reader.drops() == 1  # the event was not handed on either way
+
+
+@pytest.mark.parametrize("reader_class", READERS)
+def test_release_while_the_codec_runs_is_deferred_and_ends_the_batch(reader_class: Any) -> None:
+    holder: list[Any] = []
+
+    def releasing(data: bytes) -> Any:
+        holder[0].release()
+        return data
+
+    writer, reader = ends(reader_class, 8, 32, loads=releasing)
+    holder.append(reader)
+    for v in range(1, 4):
+        writer.write(*frame(v, 0.0, b"e", b"x"))
+    assert [e.version for e in reader.get_many(10)] == [1]
+    with pytest.raises(ValueError, match="released"):
+        reader.get()
+
+
+@pytest.mark.parametrize("reader_class", READERS)
+def test_get_needs_the_three_decoding_arguments(reader_class: Any) -> None:
+    buf = memoryview(ring(2, 32))
+    with pytest.raises(TypeError, match="together"):
+        reader_class()(buf, 2, 32, True, event=Event, loads=loads)
+    plain = reader_class()(buf, 2, 32, True)
+    with pytest.raises(TypeError, match="without event"):
+        plain.get()
