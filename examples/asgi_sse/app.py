@@ -47,6 +47,11 @@ waits, so the handler calls it in the event loop.
 
 ``GET /`` is a page that shows the live topology and posts messages; ``GET
 /healthz`` says which worker answered, with its hub's figures.
+
+Across hosts (``SHMCAST_STREAM_IDS=1``, with ``shmcast bridge NAME --redis URL
+--echo`` on every host): the streams serve only the entries of the Redis
+stream, with their stream id as ``id:``, and a client resumes by it on any
+host; see ``../gunicorn_sse/stream_ids.py``.
 """
 
 from __future__ import annotations
@@ -56,12 +61,17 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
+
+# The cross-host mode is the gunicorn example's, as is the page.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "gunicorn_sse"))
+import stream_ids
 
 from shmcast import (
     BusNotFoundError,
@@ -90,13 +100,14 @@ logger = logging.getLogger("uvicorn.error")  # the worker sends it to gunicorn's
 _streams: set[asyncio.Task] = set()
 _draining = asyncio.Event()
 _hub: Hub | None = None
+_snapshots: stream_ids.Snapshots | None = None  # the cross-host mode's latest("members")
 _pub: Publisher | None = None
 _exited = False
 
 
 def start_hub() -> Hub | None:
     """This worker's hub: made when the lifespan starts, again if it ended."""
-    global _hub  # noqa: PLW0603  (one hub per worker process)
+    global _hub, _snapshots  # noqa: PLW0603  (one hub per worker process)
     if _draining.is_set():
         return None
     if _hub is None or _hub.closed:
@@ -105,6 +116,8 @@ def start_hub() -> Hub | None:
         except (BusNotFoundError, TooManySubscribersError) as exc:
             logger.warning("shmcast: no hub yet: %s", exc)
             _hub = None
+        if _hub is not None and stream_ids.ENABLED:
+            _snapshots = stream_ids.Snapshots(_hub)
     return _hub
 
 
@@ -210,8 +223,9 @@ class SSEResponse:
         (b"x-shmcast-worker", str(os.getpid()).encode()),  # which worker serves the stream
     )
 
-    def __init__(self, feed, head: bytes, synced: bool, last: int) -> None:
+    def __init__(self, feed, head: bytes, synced: bool, last: int, renderer=None) -> None:
         self.feed = feed
+        self.renderer = renderer  # the cross-host mode's rules (stream_ids.Renderer)
         self.head = head
         self.synced = synced
         self.last = last
@@ -274,6 +288,13 @@ class SSEResponse:
                     batch.append(feed.get_nowait())
                 except (TimeoutError, StreamClosed):
                     break
+            if self.renderer is not None:  # the cross-host mode
+                text: list[str] = []
+                for event in batch:
+                    self.renderer.render(event, text)
+                if text:
+                    await self._write("".join(text).encode())
+                continue
             out = []
             for event in batch:
                 dropped = feed.dropped
@@ -312,8 +333,13 @@ async def events(request):
     hub = start_hub()
     if hub is None:
         return unavailable(f"no bus named {BUS_NAME!r} yet")
+    last_event_id = request.headers.get("last-event-id")
     try:
-        stream = open_feed(hub, parse_last_event_id(request.headers.get("last-event-id")))
+        if _snapshots is not None:  # the cross-host mode
+            feed, head, synced = stream_ids.open_feed(
+                hub, _snapshots, stream_ids.parse_stream_id(last_event_id), BUFFER + HISTORY)
+            return SSEResponse(feed, head.encode(), synced, 0, stream_ids.Renderer(feed, synced))
+        stream = open_feed(hub, parse_last_event_id(last_event_id))
     except StreamClosed:  # the hub ended meanwhile (the bus closed, the worker stops)
         return unavailable("the bus is closing")
     return SSEResponse(*stream)

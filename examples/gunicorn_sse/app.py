@@ -51,6 +51,11 @@ answers:
 
 ``GET /`` is a page that shows the live topology and posts messages; ``GET
 /healthz`` says which worker answered, with its hub's figures.
+
+Across hosts (``SHMCAST_STREAM_IDS=1``, with ``shmcast bridge NAME --redis URL
+--echo`` on every host): the streams serve only the entries of the Redis
+stream, with their stream id as ``id:``, and a client resumes by it on any
+host; see ``stream_ids.py``.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import threading
 import time
 from pathlib import Path
 
+import stream_ids
 from flask import Flask, Response, jsonify, request
 
 from shmcast import (
@@ -89,12 +95,13 @@ app.config["MAX_CONTENT_LENGTH"] = MAX_BODY  # a longer body: 413 before it is r
 
 _hub_lock = threading.Lock()
 _hub: Hub | None = None
+_snapshots: stream_ids.Snapshots | None = None  # the cross-host mode's latest("members")
 _draining = threading.Event()
 
 
 def start_hub() -> Hub | None:
     """This worker's hub: made on first use (post_worker_init), again if it ended."""
-    global _hub  # noqa: PLW0603  (one hub per worker process)
+    global _hub, _snapshots  # noqa: PLW0603  (one hub per worker process)
     with _hub_lock:
         if _draining.is_set():
             return None
@@ -103,6 +110,8 @@ def start_hub() -> Hub | None:
                 _hub = Hub(BUS_NAME, slots=HUB_SLOTS, buffer=BUFFER, history=HISTORY)
             except (BusNotFoundError, TooManySubscribersError):
                 _hub = None
+            if _hub is not None and stream_ids.ENABLED:
+                _snapshots = stream_ids.Snapshots(_hub)
         return _hub
 
 
@@ -190,8 +199,9 @@ def open_feed(hub: Hub, last_event_id: int | None):
     return hub.subscribe(), "".join(head), False, 0
 
 
-def sse_lines(feed, head: str, synced: bool, last: int):
-    """Yield SSE text for one feed, following the rules in the module doc."""
+def sse_lines(feed, head: str, synced: bool, last: int, renderer=None):
+    """Yield SSE text for one feed, following the rules in the module doc (those of
+    stream_ids.py when a *renderer* of its is given)."""
     yield head
     dropped_seen = 0
     last_write = time.monotonic()
@@ -215,6 +225,9 @@ def sse_lines(feed, head: str, synced: bool, last: int):
                 break
         out = []
         for event in batch:
+            if renderer is not None:
+                renderer.render(event, out)
+                continue
             dropped = feed.dropped
             if dropped != dropped_seen:
                 out.append(f": dropped {dropped - dropped_seen}\n\n")
@@ -239,9 +252,9 @@ class SSEBody:
     never started would not run its ``finally``.
     """
 
-    def __init__(self, feed, head: str, synced: bool, last: int) -> None:
+    def __init__(self, feed, head: str, synced: bool, last: int, renderer=None) -> None:
         self.feed = feed
-        self._gen = sse_lines(feed, head, synced, last)
+        self._gen = sse_lines(feed, head, synced, last, renderer)
 
     def __iter__(self):
         return self._gen
@@ -262,12 +275,18 @@ def events():
     hub = start_hub()
     if hub is None:
         return unavailable(f"no bus named {BUS_NAME!r} yet")
+    last_event_id = request.headers.get("Last-Event-ID")
     try:
-        stream = open_feed(hub, parse_last_event_id(request.headers.get("Last-Event-ID")))
+        if _snapshots is not None:  # the cross-host mode
+            feed, head, synced = stream_ids.open_feed(
+                hub, _snapshots, stream_ids.parse_stream_id(last_event_id), BUFFER + HISTORY)
+            body = SSEBody(feed, head, synced, 0, stream_ids.Renderer(feed, synced))
+        else:
+            body = SSEBody(*open_feed(hub, parse_last_event_id(last_event_id)))
     except StreamClosed:  # the hub ended meanwhile (the bus closed, the worker stops)
         return unavailable("the bus is closing")
     return Response(
-        SSEBody(*stream),
+        body,
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                  "X-Shmcast-Worker": str(os.getpid())},

@@ -43,6 +43,10 @@ Settings read from the environment (gunicorn's own settings, ``-b``, ``-w``,
     SHMCAST_HISTORY          events each worker keeps for
                              ``Last-Event-ID``                     1024
     SHMCAST_HUB_SLOTS        the ring of each worker's hub         128
+    SHMCAST_STREAM_IDS       1: the cross-host mode (app.py, stream_ids.py);
+                             one more publisher place, for the
+                             ``shmcast bridge NAME --redis URL --echo``
+                             to run next to the master              off
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ KEYFRAME = float(os.environ.get("SHMCAST_KEYFRAME", "5.0"))
 PAD = int(os.environ.get("SHMCAST_PAD", "0"))
 MAX_SUBSCRIBERS = int(os.environ.get("SHMCAST_MAX_SUBSCRIBERS", "64"))
 MAX_PUBLISHERS = int(os.environ.get("SHMCAST_MAX_PUBLISHERS", "0"))  # 0: from the workers
+# Across hosts, a bridge publishes the Redis stream's entries into the bus: one place more.
+BRIDGE_PLACES = 1 if os.environ.get("SHMCAST_STREAM_IDS", "").strip().lower() in (
+    "1", "true", "yes") else 0
 # A repair (republishing the snapshot because a worker's hub joined or lost
 # events) happens at most this often.
 REPAIR_MIN_INTERVAL = 0.2
@@ -203,7 +210,7 @@ def when_ready(server):
         max_subscribers=MAX_SUBSCRIBERS,  # hubs (one per worker) and tools
         # One Publisher per worker; during a SIGHUP reload or max_requests
         # recycling the old workers' places are still held as the new ones boot.
-        max_publishers=MAX_PUBLISHERS or min(64, max(4, 2 * server.cfg.workers)),
+        max_publishers=MAX_PUBLISHERS or min(64, max(4, 2 * server.cfg.workers)) + BRIDGE_PLACES,
     )
     publisher = TopologyPublisher(server, bus)
     server.shmcast_bus = bus

@@ -219,7 +219,7 @@ class Gunicorn:
 # --- SSE clients --------------------------------------------------------------
 @dataclass
 class SSEEvent:
-    id: int
+    id: int  # or a stream id "<ms>-<seq>" (str), from an example in the cross-host mode
     type: str
     data: str
     conn: int  # which connection of the client delivered it
@@ -230,14 +230,16 @@ class SSEEvent:
 
 
 class SSEParser:
-    def __init__(self) -> None:
+    def __init__(self, id_type=int) -> None:
+        self.id_type = id_type
         self.id = self.type = None
         self.data: list[str] = []
 
     def feed(self, line: str, conn: int, on_event, on_comment) -> None:
         if line == "":
             if self.data or self.type:
-                on_event(SSEEvent(int(self.id), self.type or "message", "\n".join(self.data), conn))
+                on_event(SSEEvent(self.id_type(self.id), self.type or "message",
+                                  "\n".join(self.data), conn))
             self.id = self.type = None
             self.data = []
         elif line.startswith(":"):
@@ -261,8 +263,9 @@ class SSEClient(threading.Thread):
     """
 
     def __init__(self, url: str, *, reconnect: bool = True, max_seconds: float = 60.0,
-                 resume: bool = True) -> None:
+                 resume: bool = True, id_type=int) -> None:
         super().__init__(daemon=True, name=f"sse-client-{url}")
+        self.id_type = id_type
         self.url = url + "/events"
         self.reconnect = reconnect
         self.resume = resume
@@ -283,7 +286,7 @@ class SSEClient(threading.Thread):
             while not self._halt.is_set() and time.monotonic() < self.deadline:
                 conn = self.conns
                 self.conns += 1
-                parser = SSEParser()
+                parser = SSEParser(self.id_type)
                 headers = {}
                 if self.resume and self.events:
                     self.sent_ids[conn] = self.events[-1].id
@@ -694,9 +697,9 @@ def scenario_quiet_bus(example: str, bus: str, tmp_path: Path) -> None:
     assert bus_entries(bus) == [], "bus left in /dev/shm after SIGTERM"
 
 
-def read_stream(url: str, *, last_event_id: int | None = None, until=lambda events: True,
-                timeout: float = 10.0, not_from: int | None = None,
-                ) -> tuple[int, list[SSEEvent], list[str]]:
+def read_stream(url: str, *, last_event_id: int | str | None = None,
+                until=lambda events: True, timeout: float = 10.0, not_from: int | None = None,
+                id_type=int) -> tuple[int, list[SSEEvent], list[str]]:
     """One /events connection, read until ``until(events)`` holds: (worker pid, events,
     comments). *last_event_id* is sent as ``Last-Event-ID``. If worker *not_from*
     answers, nothing is read."""
@@ -705,7 +708,7 @@ def read_stream(url: str, *, last_event_id: int | None = None, until=lambda even
     headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
     events: list[SSEEvent] = []
     comments: list[str] = []
-    parser = SSEParser()
+    parser = SSEParser(id_type)
     deadline = time.monotonic() + timeout
     with httpx.stream("GET", url + "/events", headers=headers,
                       timeout=httpx.Timeout(5.0, read=3.0)) as response:
