@@ -14,6 +14,7 @@ snapshot.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -21,9 +22,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import shmcast
 from _support import bus_entries, kill_popen, skip_or_fail, wait_until
 
 try:
@@ -208,3 +211,44 @@ def test_resume_on_another_host_by_stream_id(example, bus_name, tmp_path, redis_
             server.stop()
     for bus in buses:
         assert bus_entries(bus) == [], f"bus {bus} left in /dev/shm"
+
+
+@pytest.mark.timeout(10)
+def test_stream_rules_of_the_cross_host_mode():
+    """stream_ids.Renderer alone: only entries, with their ids; a gap or a feed's loss is
+    ``: dropped K``, then nothing until the next members entry."""
+    path = web.EXAMPLES / "gunicorn_sse" / "stream_ids.py"
+    spec = importlib.util.spec_from_file_location("stream_ids_under_test", path)
+    assert spec is not None
+    assert spec.loader is not None
+    stream_ids = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stream_ids)
+    versions = iter(range(1, 100))
+
+    def event(type_: str, payload) -> shmcast.Event:
+        return shmcast.Event(type_, payload, next(versions), 0.0, json.dumps(payload).encode())
+
+    feed = SimpleNamespace(dropped=0)
+    renderer = stream_ids.Renderer(feed, synced=True)
+
+    def render(*events) -> str:
+        out: list[str] = []
+        for e in events:
+            renderer.render(e, out)
+        return "".join(out)
+
+    assert render(event("heartbeat", {"h": 0}),  # published here: it comes back echoed
+                  event("shmcast.in:5-0:a:heartbeat", {"h": 1})) \
+        == 'id: 5-0\nevent: heartbeat\ndata: {"h": 1}\n\n'
+    assert render(event("shmcast.gap", {"count": 3}), event("shmcast.in:9-0:b:heartbeat", {}),
+                  event("shmcast.in:9-1:b:members", {"m": 1}),
+                  event("shmcast.in:9-2:a:message", {"n": 1})) \
+        == (': dropped 3\n\nid: 9-1\nevent: members\ndata: {"m": 1}\n\n'
+            'id: 9-2\nevent: message\ndata: {"n": 1}\n\n')
+    feed.dropped = 2
+    assert render(event("shmcast.in:10-0:a:message", {}),
+                  event("shmcast.in:11-0:a:members", {"m": 2})) \
+        == ': dropped 2\n\nid: 11-0\nevent: members\ndata: {"m": 2}\n\n'
+    assert stream_ids.parse_stream_id(" 1733094000123-7 ") == "1733094000123-7"
+    assert [stream_ids.parse_stream_id(v) for v in ("42", "", None, "1-2-3", "a-1")] \
+        == [None] * 5
