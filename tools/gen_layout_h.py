@@ -38,8 +38,10 @@ def field_offsets(fmt: str) -> list[int]:
 def constants() -> dict[str, int]:
     """Every number the C code needs, by the name it has there (without the prefix).
 
-    Only the ring's geometry: the C code never creates or checks headers, so a
-    new layout version that keeps the ring's bytes needs no new header.
+    The ring's geometry, and the two control-header counters the drain forward
+    reads and writes (the registry epoch, the last version): the C code never
+    creates or checks headers, so a new layout version that keeps these bytes
+    needs no new header.
     """
     slot = dict(zip(SLOT_FIELDS, field_offsets(_layout.SLOT_HEADER.format), strict=True))
     out = {
@@ -60,6 +62,8 @@ def constants() -> dict[str, int]:
         "SLOT_BODY_OFF": _layout.SLOT_BODY_OFF,
         "SLOT_HEADER_SIZE": _layout.SLOT_HEADER_SIZE,
         "MAX_TYPE_BYTES": MAX_TYPE_BYTES,
+        "CTRL_VERSION_OFF": _layout.VERSION_OFF,
+        "CTRL_EPOCH_OFF": _layout.EPOCH_OFF,
     }
     for name, off in slot.items():
         out[f"SLOT_{name}_OFF"] = _layout.SLOT_BODY_OFF + off

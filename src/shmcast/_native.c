@@ -1291,6 +1291,199 @@ static PyTypeObject ReaderType = {
     .tp_getset = Reader_getset,
 };
 
+/* ------------------------------------------------------------------ the drain */
+
+/* Bytes of a slot after its seq that the largest event of a reader's ring takes. */
+static inline uint64_t
+body_max(const Reader *reader)
+{
+    return SHMCAST_SLOT_HEADER_SIZE - SHMCAST_SLOT_BODY_OFF + SHMCAST_MAX_TYPE_BYTES +
+           reader->slot_size;
+}
+
+/* reader_next's protocol (the same steps over lapped, torn and impossible slots, the
+ * same counters), but the event is copied as it lies after its seq (header, type,
+ * data) into dst, which holds body_max() bytes, instead of into new objects: its
+ * length, or 0 when nothing is ready. */
+static uint64_t
+reader_take(Reader *self, int have_limit, uint64_t limit, char *dst)
+{
+    char *base = self->pin.base;
+    uint64_t slots = self->slots;
+    for (;;) {
+        uint64_t w = load_acq(base, SHMCAST_W_OFF), r = self->r, off, want, seq;
+        if (have_limit && w > limit)
+            w = limit;
+        if (r >= w)
+            return 0;
+        if (w - r > slots)
+            r = w - slots;
+        off = SHMCAST_RING_HEADER_SIZE + (r % slots) * self->stride;
+        if (r > (UINT64_MAX - 2) / 2) {
+            self->corrupt += 1;
+            self->r = r + 1;
+            store_rel(base, SHMCAST_R_OFF, r + 1);
+            continue;
+        }
+        want = 2 * r + 2;
+        seq = load_acq(base, off + SHMCAST_SLOT_SEQ_OFF);
+        if (seq == want) {
+            uint16_t lt;
+            uint32_t ld;
+            memcpy(&lt, base + off + SHMCAST_SLOT_TYPE_LEN_OFF, 2);
+            memcpy(&ld, base + off + SHMCAST_SLOT_DATA_LEN_OFF, 4);
+            if (lt <= SHMCAST_MAX_TYPE_BYTES && ld <= self->slot_size) {
+                uint64_t len = SHMCAST_SLOT_HEADER_SIZE - SHMCAST_SLOT_BODY_OFF + lt + ld;
+                memcpy(dst, base + off + SHMCAST_SLOT_BODY_OFF, len);
+                atomic_thread_fence(memory_order_acquire);
+                if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want) {
+                    self->r = r + 1;
+                    store_rel(base, SHMCAST_R_OFF, r + 1);
+                    self->delivered += 1;
+                    store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
+                    return len;
+                }
+            } else {
+                atomic_thread_fence(memory_order_acquire);
+                if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want)
+                    self->corrupt += 1;
+            }
+        } else if (seq < want) {
+            self->corrupt += 1;
+        }
+        self->r = r + 1;
+        store_rel(base, SHMCAST_R_OFF, r + 1);
+    }
+}
+
+/* forward(reader, writers, version, max, limit, ctrl, epoch): the bus's drain of one
+ * inbox without a Python object per event. Up to max ready events of reader (none
+ * at ring index limit or beyond, unless limit is None) are each given the next
+ * version (version + 1, + 2...), written into every ring of writers as write_all
+ * writes (the publisher's type, data and timestamp as they are; the header's pad
+ * zeroed, as frame() packs it), and stored as the last version at ctrl's version
+ * field, one event at a time. It stops before an event when ctrl's registry epoch
+ * is no longer epoch (the caller rescans and calls again: a subscriber that
+ * activated meanwhile gets every later version). It wakes nobody (wake_all does,
+ * once per batch). Returns how many events it forwarded. */
+static PyObject *
+forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Reader *reader;
+    PyObject *seq, **items;
+    Py_buffer cb;
+    Py_ssize_t count, k;
+    uint64_t version, epoch, limit = 0, done = 0;
+    long long max;
+    int have;
+    char *scratch = NULL, *ctrl;
+    (void)module;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "forward(reader, writers, version, max, limit, ctrl, epoch)");
+        return NULL;
+    }
+    reader = (Reader *)args[0];
+    if (Py_TYPE(reader) != &ReaderType) {
+        PyErr_Format(PyExc_TypeError, "reader is %.100s, not a native RingReader",
+                     Py_TYPE(reader)->tp_name);
+        return NULL;
+    }
+    version = PyLong_AsUnsignedLongLong(args[2]);
+    if (version == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    max = PyLong_AsLongLong(args[3]);
+    if (max == -1 && PyErr_Occurred())
+        return NULL;
+    epoch = PyLong_AsUnsignedLongLong(args[6]);
+    if ((epoch == (uint64_t)-1 && PyErr_Occurred()) || limit_arg(args[4], &have, &limit) < 0 ||
+        pin_check(&reader->pin) < 0)
+        return NULL;
+    seq = PySequence_Fast(args[1], "writers must be a list of RingWriter");
+    if (seq == NULL)
+        return NULL;
+    if (PyObject_GetBuffer(args[5], &cb, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    count = PySequence_Fast_GET_SIZE(seq);
+    items = PySequence_Fast_ITEMS(seq);
+    /* Every check before the first event: an error must leave no event half-forwarded. */
+    if ((uint64_t)cb.len < SHMCAST_CTRL_EPOCH_OFF + 8 ||
+        (uint64_t)cb.len < SHMCAST_CTRL_VERSION_OFF + 8 || ((uintptr_t)cb.buf & 7) != 0) {
+        PyErr_SetString(PyExc_ValueError, "ctrl is not an 8-byte aligned control header");
+        goto done;
+    }
+    for (k = 0; k < count; k++) {
+        Writer *ring = (Writer *)items[k];
+        if (Py_TYPE(ring) != &WriterType) {
+            PyErr_Format(PyExc_TypeError, "writers[%zd] is %.100s, not a native RingWriter", k,
+                         Py_TYPE(ring)->tp_name);
+            goto done;
+        }
+        if (writer_fits(ring, (Py_ssize_t)body_max(reader), 0) < 0)
+            goto done;
+    }
+    if (max <= 0)
+        goto done;
+    scratch = PyMem_Malloc(body_max(reader));
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ctrl = cb.buf;
+    while (done < (uint64_t)max) {
+        uint64_t len;
+        if (load_acq(ctrl, SHMCAST_CTRL_EPOCH_OFF) != epoch)
+            break;
+        len = reader_take(reader, have, limit, scratch);
+        if (len == 0)
+            break;
+        version += 1;
+        memcpy(scratch + SHMCAST_SLOT_VERSION_OFF - SHMCAST_SLOT_BODY_OFF, &version, 8);
+        memset(scratch + SHMCAST_SLOT_TYPE_LEN_OFF - SHMCAST_SLOT_BODY_OFF + 2, 0,
+               SHMCAST_SLOT_DATA_LEN_OFF - SHMCAST_SLOT_TYPE_LEN_OFF - 2);
+        for (k = 0; k < count; k++)
+            writer_put((Writer *)items[k], scratch, len, NULL, 0);
+        store_rel(ctrl, SHMCAST_CTRL_VERSION_OFF, version);
+        done += 1;
+    }
+done:
+    PyMem_Free(scratch);
+    PyBuffer_Release(&cb);
+    Py_DECREF(seq);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLongLong(done);
+}
+
+/* wake_all(writers): write_all's wake-up alone, for what forward() wrote. */
+static PyObject *
+wake_all(PyObject *module, PyObject *writers)
+{
+    PyObject *seq = PySequence_Fast(writers, "writers must be a list of RingWriter");
+    Py_ssize_t count, k;
+    (void)module;
+    if (seq == NULL)
+        return NULL;
+    count = PySequence_Fast_GET_SIZE(seq);
+    for (k = 0; k < count; k++) {
+        Writer *ring = (Writer *)PySequence_Fast_GET_ITEM(seq, k);
+        if (Py_TYPE(ring) != &WriterType) {
+            PyErr_Format(PyExc_TypeError, "writers[%zd] is %.100s, not a native RingWriter", k,
+                         Py_TYPE(ring)->tp_name);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (pin_check(&ring->pin) < 0 || writer_wake(ring) < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------------ the module */
 
 static PyObject *
@@ -1308,6 +1501,11 @@ static PyMethodDef module_methods[] = {
      "write_all(writers, head, tail, wake=True): write one framed event into every ring, "
      "then post each reader's semaphore whose value is 0 (unless wake is false)."},
     {"slot_stride", slot_stride, METH_O, "Bytes one slot takes, as the C code computes it."},
+    {"forward", (PyCFunction)(void (*)(void))forward, METH_FASTCALL,
+     "forward(reader, writers, version, max, limit, ctrl, epoch): give up to max ready "
+     "events of an inbox the next versions and write them into every ring; how many."},
+    {"wake_all", wake_all, METH_O,
+     "wake_all(writers): post each reader's semaphore whose value is 0."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -113,6 +113,7 @@ def test_extension_was_built_with_this_layout() -> None:
         "END_OPEN": _layout.END_OPEN, "END_BUS_CLOSED": _layout.END_BUS_CLOSED,
         "SLOT_SEQ_OFF": 0, "SLOT_BODY_OFF": _layout.SLOT_BODY_OFF,
         "SLOT_HEADER_SIZE": _layout.SLOT_HEADER_SIZE, "MAX_TYPE_BYTES": MAX_TYPE_BYTES,
+        "CTRL_VERSION_OFF": _layout.VERSION_OFF, "CTRL_EPOCH_OFF": _layout.EPOCH_OFF,
         "SLOT_VERSION_OFF": slot_fields[0], "SLOT_TIMESTAMP_OFF": slot_fields[1],
         "SLOT_TYPE_LEN_OFF": slot_fields[2], "SLOT_DATA_LEN_OFF": slot_fields[3],
     }
