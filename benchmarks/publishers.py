@@ -22,7 +22,10 @@ Cells:
 * delivered/s with 1, 4 and 8 publishers publishing as fast as they can:
   events each subscriber received per second, averaged over subscribers, and
   what the publishers counted as dropped (shmcast: ``pub.dropped``; zmq's PUB
-  socket drops at its high-water mark without telling).
+  socket drops at its high-water mark without telling); and where the CPU went,
+  from each process's own clock: the owner's process (shmcast: the harness,
+  whose drain thread does the work; zmq: the proxy) and each subscriber per
+  event a subscriber received, each publisher per event it gave.
 
 Both sides get the same queue depth (``slots`` of the bus and of each
 subscriber's ring; the HWM of every zmq socket).
@@ -71,6 +74,7 @@ def _subscriber(kind: str, where: str, ready: Any, stop: Any, conn: Any, warmup:
     count = 0
     dropped = 0
     mono = time.monotonic_ns
+    cpu0 = time.process_time()
     try:
         if kind == "shmcast":
             from shmcast import StreamClosed, subscribe
@@ -122,15 +126,15 @@ def _subscriber(kind: str, where: str, ready: Any, stop: Any, conn: Any, warmup:
                         lat.append(now - obj["t"])
             sock.close(linger=0)
             ctx.term()
-        conn.send(("ok", count, dropped, lat.tobytes()))
+        conn.send(("ok", count, dropped, lat.tobytes(), time.process_time() - cpu0))
     except BaseException as e:  # noqa: BLE001 - reported to the harness
-        conn.send(("error", repr(e), 0, b""))
+        conn.send(("error", repr(e), 0, b"", 0.0))
 
 
 def _publisher(kind: str, where: str, index: int, rate: float, seconds: float, ready: Any,
                go: Any, conn: Any) -> None:
     """Publish for *seconds* (paced at *rate* per second, or flat out if 0); send back
-    (events given to publish, dropped)."""
+    (events given to publish, dropped, CPU seconds from the start)."""
     try:
         pad = _pad()
         if kind == "shmcast":
@@ -153,6 +157,7 @@ def _publisher(kind: str, where: str, index: int, rate: float, seconds: float, r
             send = lambda obj: zsend(dumps(obj))  # noqa: E731
         ready.set()
         go.wait(60)
+        cpu0 = time.process_time()
         i = 0
         start = time.monotonic()
         end = start + seconds
@@ -173,6 +178,7 @@ def _publisher(kind: str, where: str, index: int, rate: float, seconds: float, r
                 for _ in range(64):
                     send(_event(i, index, pad))
                     i += 1
+        cpu = time.process_time() - cpu0
         if kind == "shmcast":
             dropped = pub.dropped
             pub.close()
@@ -181,9 +187,9 @@ def _publisher(kind: str, where: str, index: int, rate: float, seconds: float, r
             time.sleep(0.2)  # let the socket flush what it queued
             sock.close(linger=0)
             ctx.term()
-        conn.send(("ok", i, dropped))
+        conn.send(("ok", i, dropped, cpu))
     except BaseException as e:  # noqa: BLE001 - reported to the harness
-        conn.send(("error", repr(e), 0))
+        conn.send(("error", repr(e), 0, 0.0))
 
 
 def _proxy(xsub: str, xpub: str, ready: Any) -> None:
@@ -229,6 +235,14 @@ class Owner:
             self.proc.start()
             if not ready.wait(30):
                 raise RuntimeError("the zmq proxy did not start")
+
+    def cpu(self) -> float:
+        """CPU seconds the owner's process used so far (shmcast: this process, whose
+        main thread only waits on the children meanwhile; zmq: the proxy's)."""
+        pid = os.getpid() if self.proc is None else self.proc.pid
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         if self.bus is not None:
@@ -277,14 +291,16 @@ def cell(owner: Owner, ctx: Any, *, publishers: int, subscribers: int, rate: flo
                 raise RuntimeError("a publisher did not start")
         if owner.kind == "zmq":
             time.sleep(0.5)  # subscriptions travel XPUB -> proxy -> XSUB -> each PUB
+        owner_cpu = owner.cpu()
         go.set()
         start = time.monotonic()
-        pubs = [conn.recv() if conn.poll(seconds + 60) else ("error", "no answer", 0)
+        pubs = [conn.recv() if conn.poll(seconds + 60) else ("error", "no answer", 0, 0.0)
                 for conn in pub_conns]
         elapsed = time.monotonic() - start
+        owner_cpu = owner.cpu() - owner_cpu
         time.sleep(0.5)  # what is in flight arrives
         stop.set()
-        subs = [conn.recv() if conn.poll(60) else ("error", "no answer", 0, b"")
+        subs = [conn.recv() if conn.poll(60) else ("error", "no answer", 0, b"", 0.0)
                 for conn in sub_conns]
     finally:
         stop.set()
@@ -308,6 +324,12 @@ def cell(owner: Owner, ctx: Any, *, publishers: int, subscribers: int, rate: flo
         "sub_dropped": sum(r[2] for r in subs),
         "received_per_sub": round(statistics.mean(received)),
         "delivered_per_s": round(statistics.mean(received) / seconds),
+        # CPU per event, from each process's own clock: the owner's and each
+        # subscriber's per event a subscriber received, the publishers' per event given.
+        "owner_cpu_us": round(owner_cpu / max(1, statistics.mean(received)) * 1e6, 2),
+        "publisher_cpu_us": round(sum(r[3] for r in pubs) / max(1, given) * 1e6, 2),
+        "subscriber_cpu_us": round(statistics.mean(r[4] / max(1, r[1]) for r in subs) * 1e6,
+                                   2),
     }
     if rate and len(lat) >= 20:
         qs = statistics.quantiles(sorted(lat), n=100)
@@ -369,7 +391,9 @@ def run(quick: bool, repeat: int = 1, max_load: float | None = None,
                               f"{out['delivered_per_s']:>8,}/s  given {out['given']:>8,}  "
                               f"pub dropped {out['pub_dropped']:>7,}  sub dropped "
                               f"{out['sub_dropped']:>7,}  p50 {out.get('p50_us', '-')} µs  "
-                              f"p99 {out.get('p99_us', '-')} µs", file=sys.stderr, flush=True)
+                              f"p99 {out.get('p99_us', '-')} µs  CPU µs/event: owner "
+                              f"{out['owner_cpu_us']} pub {out['publisher_cpu_us']} sub "
+                              f"{out['subscriber_cpu_us']}", file=sys.stderr, flush=True)
         finally:
             for owner in owners.values():
                 owner.close()
@@ -413,6 +437,15 @@ def table(results: dict[str, Any]) -> str:
                  for c in peer["throughput"]]
         lines.append(f"| {kind} | {lat.get('p50_us', '-')} µs | {lat.get('p99_us', '-')} µs | "
                      + " | ".join(cells) + " |")
+    # Where the CPU went in the same cells: owner / each publisher / each subscriber.
+    lines += ["", "| peer | " + " | ".join(
+        f"CPU µs per event (owner / publisher / subscriber), {n} publisher{'s' if n > 1 else ''}"
+        for n in counts) + " |", "|---" * (1 + len(counts)) + "|"]
+    for kind, peer in results["peers"].items():
+        if "throughput" in peer:
+            lines.append(f"| {kind} | " + " | ".join(
+                f"{c.get('owner_cpu_us', '-')} / {c.get('publisher_cpu_us', '-')} / "
+                f"{c.get('subscriber_cpu_us', '-')}" for c in peer["throughput"]) + " |")
     return "\n".join(lines)
 
 

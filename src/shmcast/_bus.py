@@ -251,6 +251,8 @@ class _Publisher:
         drained = 0
         for place, reader in enumerate(self.readers):
             limit = None if limits is None else limits[place]
+            if not reader.unread(limit):
+                continue  # most inboxes are empty at any moment: one load each, not a call
             if _NATIVE_DRAIN is None:
                 drained += self._drain_objects(reader, DRAIN_BATCH, limit)
             else:
