@@ -1306,7 +1306,7 @@ body_max(const Reader *reader)
  * data) into dst, which holds body_max() bytes, instead of into new objects: its
  * length, or 0 when nothing is ready. */
 static uint64_t
-reader_take(Reader *self, int have_limit, uint64_t limit, char *dst)
+inbox_take(Reader *self, int have_limit, uint64_t limit, char *dst)
 {
     char *base = self->pin.base;
     uint64_t slots = self->slots;
@@ -1436,7 +1436,7 @@ forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         uint64_t len;
         if (load_acq(ctrl, SHMCAST_CTRL_EPOCH_OFF) != epoch)
             break;
-        len = reader_take(reader, have, limit, scratch);
+        len = inbox_take(reader, have, limit, scratch);
         if (len == 0)
             break;
         version += 1;
