@@ -133,6 +133,15 @@ class Twin:
                 owner.roster = [*owner.roster, owner.make_ring(slots, overwrite)]
             owner.ctrl_q[Q_EPOCH] += 1
 
+    def toggle_pending(self) -> None:
+        """A subscriber whose ring is not adopted yet appears or goes: each version
+        published meanwhile is counted as its miss (the C side then takes the object path)."""
+        for owner in self.owners:
+            if owner.pending:
+                owner.pending.clear()
+            else:
+                owner.pending[5] = _bus._Pending(ring_id=9, missed_q=2)
+
     def check(self) -> None:
         pure, nat = self.owners
         assert pure.version == nat.version == pure.ctrl_q[Q_VERSION] == nat.ctrl_q[Q_VERSION]
@@ -149,8 +158,16 @@ class Twin:
 
 @pytest.fixture
 def pure_emit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The object path writes with the pure write_all, as under SHMCAST_PURE=1."""
-    monkeypatch.setattr(_bus, "write_all", pure_write_all)
+    """The object path writes pure rings with the pure write_all, as under SHMCAST_PURE=1
+    (and the C rings, when the C side takes it, with the C one)."""
+
+    def write_all(writers: list[Any], head: bytes, tail: bytes) -> None:
+        if any(isinstance(w, native.RingWriter) for w in writers):
+            native.write_all(writers, head, tail)
+        else:
+            pure_write_all(writers, head, tail)
+
+    monkeypatch.setattr(_bus, "write_all", write_all)
 
 
 @pytest.mark.usefixtures("pure_emit")
@@ -171,10 +188,12 @@ def test_forward_matches_the_object_path(seed: int, inbox_overwrite: bool) -> No
             twin.drain(rng.choice([1, 2, 64]), rng.choice([None, None, w // 2, w + 3]))
         elif op < 0.85:
             twin.read_subs(rng)
-        elif op < 0.92:
+        elif op < 0.91:
             twin.scribble(rng)
-        else:
+        elif op < 0.96:
             twin.new_roster(rng)
+        else:
+            twin.toggle_pending()
         twin.check()
     twin.drain(64, None)
     assert twin.owners[1].version > 0
