@@ -399,18 +399,12 @@ class _HubCore:
                 except ShmcastError as e:  # the publisher cannot serve our ring (yet)
                     self.unserved_error(e)
                     continue
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(sub.get_nowait())
-                    except TimeoutError:
-                        break
-                    except StreamClosed as e:
-                        ended = e.reason
-                        break
-                    except DecodeError as e:
-                        batch.append(e)
-                    except ShmcastError:
-                        break
+                try:  # what else is ready, in one call to the ring
+                    batch += sub._ready(BATCH - 1)
+                except StreamClosed as e:
+                    ended = e.reason
+                except ShmcastError:
+                    pass
                 self.fan_out(batch)
                 if ended is not None:
                     reason = ended
