@@ -888,11 +888,18 @@ reader_event(Reader *self, PyObject *type_, PyObject *payload, const Taken *t)
 static PyObject *
 reader_undecodable(Reader *self, PyObject *type_, const Taken *t)
 {
-    PyObject *etype, *exc, *tb, *v, *err = NULL;
+    PyObject *v, *err = NULL;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+#else
+    PyObject *etype, *exc, *tb;
     PyErr_Fetch(&etype, &exc, &tb);
     PyErr_NormalizeException(&etype, &exc, &tb);
     if (tb != NULL)
         PyException_SetTraceback(exc, tb);
+    Py_XDECREF(etype);
+    Py_XDECREF(tb);
+#endif
     reader_untake(self, 1);
     v = PyLong_FromUnsignedLongLong(t->version);
     if (v != NULL) {
@@ -909,9 +916,7 @@ reader_undecodable(Reader *self, PyObject *type_, const Taken *t)
         PyException_SetCause(err, Py_NewRef(exc));
         PyException_SetContext(err, Py_NewRef(exc));
     }
-    Py_XDECREF(etype);
     Py_XDECREF(exc);
-    Py_XDECREF(tb);
     return err;
 }
 
