@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_ULONGLONG, READONLY: the names every CPython from 3.10 has */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -538,45 +539,9 @@ Writer_drops(Writer *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-Writer_get_w(Writer *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLongLong(self->w);
-}
-
-static PyObject *
-Writer_get_rejected(Writer *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLongLong(self->rejected);
-}
-
-static PyObject *
-Writer_get_slots(Writer *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLongLong(self->slots);
-}
-
-static PyObject *
-Writer_get_stride(Writer *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLongLong(self->stride);
-}
-
-static PyObject *
 Writer_get_overwrite(Writer *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->overwrite);
-}
-
-static PyObject *
-Writer_get_buf(Writer *self, void *Py_UNUSED(c))
-{
-    return Py_NewRef(self->buf ? self->buf : Py_None);
-}
-
-static PyObject *
-Writer_get_sem(Writer *self, void *Py_UNUSED(c))
-{
-    return Py_NewRef(self->sem ? self->sem : Py_None);
 }
 
 static PyObject *
@@ -596,14 +561,20 @@ static PyMethodDef Writer_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* Plain fields are members; the getters are for what needs a conversion. */
+_Static_assert(sizeof(uint64_t) == sizeof(unsigned long long), "T_ULONGLONG reads our u64s");
+static PyMemberDef Writer_members[] = {
+    {"w", T_ULONGLONG, offsetof(Writer, w), READONLY, "Events written so far."},
+    {"rejected", T_ULONGLONG, offsetof(Writer, rejected), READONLY, "drop_new drops so far."},
+    {"slots", T_ULONGLONG, offsetof(Writer, slots), READONLY, "Slots of the ring."},
+    {"stride", T_ULONGLONG, offsetof(Writer, stride), READONLY, "Bytes per slot."},
+    {"buf", T_OBJECT, offsetof(Writer, buf), READONLY, "The ring's buffer as given."},
+    {"sem", T_OBJECT, offsetof(Writer, sem), READONLY, "The reader's wake semaphore, or None."},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyGetSetDef Writer_getset[] = {
-    {"w", (getter)Writer_get_w, NULL, "Events written so far.", NULL},
-    {"rejected", (getter)Writer_get_rejected, NULL, "drop_new drops so far.", NULL},
-    {"slots", (getter)Writer_get_slots, NULL, "Slots of the ring.", NULL},
-    {"stride", (getter)Writer_get_stride, NULL, "Bytes per slot.", NULL},
     {"overwrite", (getter)Writer_get_overwrite, NULL, "Whether a full ring overwrites.", NULL},
-    {"buf", (getter)Writer_get_buf, NULL, "The ring's buffer as given.", NULL},
-    {"sem", (getter)Writer_get_sem, NULL, "The reader's wake semaphore, or None.", NULL},
     {"native_wake", (getter)Writer_get_native_wake, NULL,
      "Whether the wake is posted from C (our own sem_open handle).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -619,6 +590,7 @@ static PyTypeObject WriterType = {
     .tp_init = (initproc)Writer_init,
     .tp_dealloc = (destructor)Writer_dealloc,
     .tp_methods = Writer_methods,
+    .tp_members = Writer_members,
     .tp_getset = Writer_getset,
 };
 
@@ -1220,28 +1192,10 @@ Reader_release(Reader *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-#define READER_GETTER(name)                                                                   \
-    static PyObject *Reader_get_##name(Reader *self, void *Py_UNUSED(c))                      \
-    {                                                                                         \
-        return PyLong_FromUnsignedLongLong(self->name);                                       \
-    }
-READER_GETTER(r)
-READER_GETTER(delivered)
-READER_GETTER(corrupt)
-READER_GETTER(slots)
-READER_GETTER(slot_size)
-READER_GETTER(stride)
-
 static PyObject *
 Reader_get_overwrite(Reader *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->overwrite);
-}
-
-static PyObject *
-Reader_get_buf(Reader *self, void *Py_UNUSED(c))
-{
-    return Py_NewRef(self->buf ? self->buf : Py_None);
 }
 
 static PyMethodDef Reader_methods[] = {
@@ -1271,15 +1225,19 @@ static PyMethodDef Reader_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef Reader_members[] = {
+    {"r", T_ULONGLONG, offsetof(Reader, r), READONLY, "Events consumed so far."},
+    {"delivered", T_ULONGLONG, offsetof(Reader, delivered), READONLY, "Events delivered so far."},
+    {"corrupt", T_ULONGLONG, offsetof(Reader, corrupt), READONLY, "Slots skipped as impossible."},
+    {"slots", T_ULONGLONG, offsetof(Reader, slots), READONLY, "Slots of the ring."},
+    {"slot_size", T_ULONGLONG, offsetof(Reader, slot_size), READONLY, "Largest payload."},
+    {"stride", T_ULONGLONG, offsetof(Reader, stride), READONLY, "Bytes per slot."},
+    {"buf", T_OBJECT, offsetof(Reader, buf), READONLY, "The ring's buffer as given."},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyGetSetDef Reader_getset[] = {
-    {"r", (getter)Reader_get_r, NULL, "Events consumed so far.", NULL},
-    {"delivered", (getter)Reader_get_delivered, NULL, "Events delivered so far.", NULL},
-    {"corrupt", (getter)Reader_get_corrupt, NULL, "Slots skipped as impossible.", NULL},
-    {"slots", (getter)Reader_get_slots, NULL, "Slots of the ring.", NULL},
-    {"slot_size", (getter)Reader_get_slot_size, NULL, "Largest payload.", NULL},
-    {"stride", (getter)Reader_get_stride, NULL, "Bytes per slot.", NULL},
     {"overwrite", (getter)Reader_get_overwrite, NULL, "Whether a full ring overwrites.", NULL},
-    {"buf", (getter)Reader_get_buf, NULL, "The ring's buffer as given.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1293,6 +1251,7 @@ static PyTypeObject ReaderType = {
     .tp_init = (initproc)Reader_init,
     .tp_dealloc = (destructor)Reader_dealloc,
     .tp_methods = Reader_methods,
+    .tp_members = Reader_members,
     .tp_getset = Reader_getset,
 };
 
