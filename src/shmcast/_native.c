@@ -695,10 +695,14 @@ typedef struct {
     PyObject *data; /* a new reference */
 } Taken;
 
-/* The next event into *out, counted delivered (r and delivered stored): 1; 0 when
- * nothing is ready; -1 with an error, nothing taken. No Python code runs here. */
-static int
-reader_take(Reader *self, int have_limit, uint64_t limit, Taken *out)
+/* One step of the read protocol, over lapped, torn and impossible slots alike
+ * (docs/design.md, "Reading"). Without dst, the event taken goes to *out, its data as
+ * a new bytes object: 1, or -1 when that object cannot be made (nothing taken). With
+ * dst (body_max() bytes: the inbox drain), the event is copied as it lies after its
+ * seq (header, type, data) and its length returned. 0: nothing is ready. Inlined into
+ * both callers, so neither pays for the other's branch. */
+static inline int64_t
+ring_take(Reader *self, int have_limit, uint64_t limit, char *dst, Taken *out)
 {
     char *base = self->pin.base;
     uint64_t slots = self->slots;
@@ -721,21 +725,24 @@ reader_take(Reader *self, int have_limit, uint64_t limit, Taken *out)
         want = 2 * r + 2;
         seq = load_acq(base, off + SHMCAST_SLOT_SEQ_OFF);
         if (seq == want) {
-            uint64_t version;
-            double timestamp;
             uint16_t lt;
             uint32_t ld;
-            memcpy(&version, base + off + SHMCAST_SLOT_VERSION_OFF, 8);
-            memcpy(&timestamp, base + off + SHMCAST_SLOT_TIMESTAMP_OFF, 8);
             memcpy(&lt, base + off + SHMCAST_SLOT_TYPE_LEN_OFF, 2);
             memcpy(&ld, base + off + SHMCAST_SLOT_DATA_LEN_OFF, 4);
             if (lt <= SHMCAST_MAX_TYPE_BYTES && ld <= self->slot_size) {
-                const char *p = base + off + SHMCAST_SLOT_HEADER_SIZE;
-                PyObject *data;
-                memcpy(out->type, p, lt);
-                data = PyBytes_FromStringAndSize(p + lt, ld);
-                if (data == NULL)
-                    return -1;
+                uint64_t len = SHMCAST_SLOT_HEADER_SIZE - SHMCAST_SLOT_BODY_OFF + lt + ld;
+                PyObject *data = NULL;
+                if (dst != NULL) {
+                    memcpy(dst, base + off + SHMCAST_SLOT_BODY_OFF, len);
+                } else {
+                    const char *p = base + off + SHMCAST_SLOT_HEADER_SIZE;
+                    memcpy(&out->version, base + off + SHMCAST_SLOT_VERSION_OFF, 8);
+                    memcpy(&out->timestamp, base + off + SHMCAST_SLOT_TIMESTAMP_OFF, 8);
+                    memcpy(out->type, p, lt);
+                    data = PyBytes_FromStringAndSize(p + lt, ld);
+                    if (data == NULL)
+                        return -1;
+                }
                 atomic_thread_fence(memory_order_acquire);
                 if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want) {
                     /* Taken: say so at once. Until r moves, the writer's count of drops
@@ -746,13 +753,13 @@ reader_take(Reader *self, int have_limit, uint64_t limit, Taken *out)
                     store_rel(base, SHMCAST_R_OFF, r + 1);
                     self->delivered += 1;
                     store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
-                    out->version = version;
-                    out->timestamp = timestamp;
+                    if (dst != NULL)
+                        return (int64_t)len;
                     out->lt = lt;
                     out->data = data;
                     return 1;
                 }
-                Py_DECREF(data);
+                Py_XDECREF(data);
             } else {
                 atomic_thread_fence(memory_order_acquire);
                 if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want)
@@ -765,6 +772,13 @@ reader_take(Reader *self, int have_limit, uint64_t limit, Taken *out)
         self->r = r + 1;
         store_rel(base, SHMCAST_R_OFF, r + 1);
     }
+}
+
+/* The next event into *out: 1, 0 if none is ready, -1 with an exception set. */
+static int
+reader_take(Reader *self, int have_limit, uint64_t limit, Taken *out)
+{
+    return (int)ring_take(self, have_limit, limit, NULL, out);
 }
 
 /* Count *n* events taken but never handed on as dropped (discard()). */
@@ -1265,61 +1279,6 @@ body_max(const Reader *reader)
            reader->slot_size;
 }
 
-/* reader_next's protocol (the same steps over lapped, torn and impossible slots, the
- * same counters), but the event is copied as it lies after its seq (header, type,
- * data) into dst, which holds body_max() bytes, instead of into new objects: its
- * length, or 0 when nothing is ready. */
-static uint64_t
-inbox_take(Reader *self, int have_limit, uint64_t limit, char *dst)
-{
-    char *base = self->pin.base;
-    uint64_t slots = self->slots;
-    for (;;) {
-        uint64_t w = load_acq(base, SHMCAST_W_OFF), r = self->r, off, want, seq;
-        if (have_limit && w > limit)
-            w = limit;
-        if (r >= w)
-            return 0;
-        if (w - r > slots)
-            r = w - slots;
-        off = SHMCAST_RING_HEADER_SIZE + (r % slots) * self->stride;
-        if (r > (UINT64_MAX - 2) / 2) {
-            self->corrupt += 1;
-            self->r = r + 1;
-            store_rel(base, SHMCAST_R_OFF, r + 1);
-            continue;
-        }
-        want = 2 * r + 2;
-        seq = load_acq(base, off + SHMCAST_SLOT_SEQ_OFF);
-        if (seq == want) {
-            uint16_t lt;
-            uint32_t ld;
-            memcpy(&lt, base + off + SHMCAST_SLOT_TYPE_LEN_OFF, 2);
-            memcpy(&ld, base + off + SHMCAST_SLOT_DATA_LEN_OFF, 4);
-            if (lt <= SHMCAST_MAX_TYPE_BYTES && ld <= self->slot_size) {
-                uint64_t len = SHMCAST_SLOT_HEADER_SIZE - SHMCAST_SLOT_BODY_OFF + lt + ld;
-                memcpy(dst, base + off + SHMCAST_SLOT_BODY_OFF, len);
-                atomic_thread_fence(memory_order_acquire);
-                if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want) {
-                    self->r = r + 1;
-                    store_rel(base, SHMCAST_R_OFF, r + 1);
-                    self->delivered += 1;
-                    store_rel(base, SHMCAST_DELIVERED_OFF, self->delivered);
-                    return len;
-                }
-            } else {
-                atomic_thread_fence(memory_order_acquire);
-                if (atomic_load_explicit(field(base, off), memory_order_relaxed) == want)
-                    self->corrupt += 1;
-            }
-        } else if (seq < want) {
-            self->corrupt += 1;
-        }
-        self->r = r + 1;
-        store_rel(base, SHMCAST_R_OFF, r + 1);
-    }
-}
-
 /* forward(reader, writers, version, max, limit, ctrl, epoch): the bus's drain of one
  * inbox without a Python object per event. Up to max ready events of reader (none
  * at ring index limit or beyond, unless limit is None) are each given the next
@@ -1400,7 +1359,7 @@ forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         uint64_t len;
         if (load_acq(ctrl, SHMCAST_CTRL_EPOCH_OFF) != epoch)
             break;
-        len = inbox_take(reader, have, limit, scratch);
+        len = (uint64_t)ring_take(reader, have, limit, scratch, NULL);
         if (len == 0)
             break;
         version += 1;
