@@ -82,18 +82,30 @@ def _subscriber(kind: str, where: str, ready: Any, stop: Any, conn: Any, warmup:
             sub = subscribe(where, slots=DEPTH)
             ready.set()
             get = sub.get
-            while not stop.is_set():
+            get_nowait = sub.get_nowait
+            ended = False
+            # As the zmq loop below: wait, then take what is ready, and look at the
+            # stop flag (a multiprocessing.Event: a lock round trip) only in between.
+            while not ended and not stop.is_set():
                 try:
                     event = get(timeout=POLL)
                 except TimeoutError:
                     continue
                 except StreamClosed:
                     break
-                now = mono()
-                obj = event.payload
-                count += 1
-                if obj["i"] >= warmup:
-                    lat.append(now - obj["t"])
+                while True:
+                    now = mono()
+                    obj = event.payload
+                    count += 1
+                    if obj["i"] >= warmup:
+                        lat.append(now - obj["t"])
+                    try:
+                        event = get_nowait()
+                    except TimeoutError:
+                        break
+                    except StreamClosed:
+                        ended = True
+                        break
             dropped = sub.dropped
             sub.close()
         else:
